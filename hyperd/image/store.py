@@ -1,0 +1,322 @@
+"""The local image store: an OCI image layout of blobs plus one unpacked read-only rootfs per image.
+
+On disk, under the daemon's root::
+
+    oci/                      an OCI image layout (oci-layout, index.json, blobs/sha256/<hex>)
+    images/<id>/rootfs/       the image unpacked, shared read-only into every VM over 9p (tag ``images``)
+
+``index.json`` is the one list of images: each manifest descriptor carries its reference in the
+``org.opencontainers.image.ref.name`` annotation (the full canonical name, ``docker.io/library/busybox:latest``).
+An image's id is the hex digest of its config, as Docker's is. Blobs are verified as they are written and renamed
+into place only when whole, so an interrupted write never leaves a corrupt blob; a rootfs is unpacked beside its
+final place and renamed when complete.
+
+The methods here block on the disk: the daemon calls them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+import threading
+from typing import BinaryIO, Iterable
+
+import attrs
+
+from hyperd.errors import BadParameter, Conflict, NotFound
+from hyperd.image.reference import parse_reference
+from hyperd.image.unpack import apply_layer
+
+REF_ANNOTATION = "org.opencontainers.image.ref.name"
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+@attrs.frozen
+class Image:
+    id: str
+    names: tuple[str, ...]
+    manifest_digest: str
+    config: dict
+    created: str = ""
+    size: int = 0
+
+    @property
+    def run_config(self) -> dict:
+        """The image's runtime defaults: Env, Cmd, Entrypoint, WorkingDir, User."""
+        return self.config.get("config") or {}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class ImageStore:
+    def __init__(self, root: str):
+        self.root = root
+        self.oci_dir = os.path.join(root, "oci")
+        self.images_dir = os.path.join(root, "images")
+        self.blobs_dir = os.path.join(self.oci_dir, "blobs", "sha256")
+        self._lock = threading.Lock()
+        os.makedirs(self.blobs_dir, exist_ok=True)
+        os.makedirs(self.images_dir, exist_ok=True)
+        layout = os.path.join(self.oci_dir, "oci-layout")
+        if not os.path.exists(layout):
+            _atomic_write(layout, b'{"imageLayoutVersion": "1.0.0"}')
+        if not os.path.exists(self._index_path):
+            self._write_index({"schemaVersion": 2, "manifests": []})
+
+    # -- the index ---------------------------------------------------------------------------------------------
+
+    @property
+    def _index_path(self) -> str:
+        return os.path.join(self.oci_dir, "index.json")
+
+    def _read_index(self) -> dict:
+        with open(self._index_path, "rb") as f:
+            return json.load(f)
+
+    def _write_index(self, index: dict) -> None:
+        _atomic_write(self._index_path, json.dumps(index, indent=1, sort_keys=True).encode())
+
+    def images(self) -> list[Image]:
+        """Every image, its names gathered from the index."""
+        by_digest: dict[str, list[str]] = {}
+        for desc in self._read_index()["manifests"]:
+            name = (desc.get("annotations") or {}).get(REF_ANNOTATION)
+            by_digest.setdefault(desc["digest"], [])
+            if name:
+                by_digest[desc["digest"]].append(name)
+        return [self._image(digest, names) for digest, names in sorted(by_digest.items())]
+
+    def _image(self, manifest_digest: str, names: Iterable[str]) -> Image:
+        manifest = json.loads(self.read_blob(manifest_digest))
+        config_digest = manifest["config"]["digest"]
+        config = json.loads(self.read_blob(config_digest))
+        size = sum(layer.get("size", 0) for layer in manifest.get("layers", ()))
+        return Image(config_digest.split(":", 1)[1], tuple(sorted(names)), manifest_digest, config,
+                     config.get("created", ""), size)
+
+    def lookup(self, ref: str) -> Image:
+        """The image named ``ref`` (a name, with or without registry and tag) or with that id (prefix)."""
+        images = self.images()
+        bare = ref.removeprefix("sha256:")
+        if len(bare) >= 12 and all(c in "0123456789abcdef" for c in bare):
+            matches = [i for i in images if i.id.startswith(bare)]
+            if len(matches) == 1:
+                return matches[0]
+        try:
+            wanted = parse_reference(ref).name
+        except BadParameter:
+            raise NotFound(f"no such image: {ref}") from None
+        for image in images:
+            if wanted in image.names:
+                return image
+        raise NotFound(f"no such image: {ref}")
+
+    # -- blobs -------------------------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        algorithm, _, hexdigest = digest.partition(":")
+        if algorithm != "sha256" or len(hexdigest) != 64:
+            raise BadParameter(f"bad parameter: unsupported digest {digest!r}")
+        return os.path.join(self.blobs_dir, hexdigest)
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def read_blob(self, digest: str) -> bytes:
+        with open(self.blob_path(digest), "rb") as f:
+            return f.read()
+
+    def write_blob(self, source: BinaryIO, digest: str | None = None) -> str:
+        """Copy a blob in, verifying ``digest`` when given; return its digest. Nothing is kept on a mismatch."""
+        fd, tmp = tempfile.mkstemp(dir=self.blobs_dir, prefix=".tmp-")
+        hasher = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(1024 * 1024):
+                    hasher.update(chunk)
+                    out.write(chunk)
+            actual = "sha256:" + hasher.hexdigest()
+            if digest is not None and actual != digest:
+                raise BadParameter(f"bad parameter: blob digest mismatch: expected {digest}, got {actual}")
+            os.rename(tmp, self.blob_path(actual))
+            return actual
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    # -- adding images -----------------------------------------------------------------------------------------
+
+    def add(self, manifest: bytes, names: Iterable[str]) -> Image:
+        """Register a manifest whose config and layers are already blobs; unpack it; tag it with ``names``."""
+        manifest_digest = self.write_blob(io.BytesIO(manifest))
+        parsed = json.loads(manifest)
+        for blob in [parsed["config"], *parsed.get("layers", ())]:
+            if not self.has_blob(blob["digest"]):
+                raise BadParameter(f"bad parameter: the image lacks blob {blob['digest']}")
+        image = self._image(manifest_digest, ())
+        self._unpack(image, parsed)
+        canonical = [parse_reference(n).name for n in names]
+        with self._lock:
+            index = self._read_index()
+            kept = [
+                d for d in index["manifests"]
+                if (d.get("annotations") or {}).get(REF_ANNOTATION) not in canonical and d["digest"] != manifest_digest
+            ]
+            entries = [n for n in canonical] or [None]
+            for name in entries:
+                desc = {"mediaType": parsed.get("mediaType", MANIFEST_TYPES[0]), "digest": manifest_digest,
+                        "size": len(manifest)}
+                if name:
+                    desc["annotations"] = {REF_ANNOTATION: name}
+                kept.append(desc)
+            # Names that moved to this image leave their old one, which stays listed (untagged) if nothing else
+            # names it: as Docker's dangling images.
+            index["manifests"] = kept
+            self._write_index(index)
+        return self._image(manifest_digest, canonical)
+
+    def _unpack(self, image: Image, manifest: dict) -> None:
+        final = self.rootfs_dir(image.id)
+        if os.path.isdir(final):
+            return
+        work = tempfile.mkdtemp(dir=self.images_dir, prefix=".unpack-")
+        try:
+            rootfs = os.path.join(work, "rootfs")
+            os.mkdir(rootfs)
+            for layer in manifest.get("layers", ()):
+                with open(self.blob_path(layer["digest"]), "rb") as f:
+                    apply_layer(rootfs, f, layer["digest"][7:19])
+            os.chmod(rootfs, 0o755)
+            os.rename(work, os.path.dirname(final))
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def rootfs_dir(self, image_id: str) -> str:
+        return os.path.join(self.images_dir, image_id, "rootfs")
+
+    def import_layout(self, path: str, name: str | None = None) -> list[Image]:
+        """Import the images of an OCI image-layout directory (``name`` overrides a single image's reference)."""
+        try:
+            with open(os.path.join(path, "index.json"), "rb") as f:
+                index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise BadParameter(f"bad parameter: {path} is not an OCI image layout: {e}") from None
+        imported = []
+        manifests = index.get("manifests") or []
+        if not manifests:
+            raise BadParameter(f"bad parameter: the OCI layout {path} holds no image")
+        for desc in manifests:
+            ref = name or (desc.get("annotations") or {}).get(REF_ANNOTATION)
+            manifest = self._copy_manifest(path, desc)
+            imported.append(self.add(manifest, [ref] if ref and ("/" in ref or ":" in ref or ref.isalnum())
+                                     else []))
+        return imported
+
+    def _copy_manifest(self, layout: str, desc: dict) -> bytes:
+        def source_blob(digest: str) -> str:
+            return os.path.join(layout, "blobs", *digest.split(":", 1))
+
+        def copy(digest: str) -> bytes:
+            with open(source_blob(digest), "rb") as f:
+                self.write_blob(f, digest)
+            return self.read_blob(digest)
+
+        data = copy(desc["digest"])
+        parsed = json.loads(data)
+        if parsed.get("mediaType", desc.get("mediaType")) in INDEX_TYPES or "manifests" in parsed:
+            chosen = pick_platform(parsed["manifests"])
+            return self._copy_manifest(layout, chosen)
+        for blob in [parsed["config"], *parsed.get("layers", ())]:
+            if not self.has_blob(blob["digest"]):
+                copy(blob["digest"])
+        return data
+
+    def remove(self, ref: str, in_use: Iterable[str] = (), force: bool = False) -> Image:
+        """Untag/remove an image; refused while a container uses it unless forced. Unneeded blobs go too."""
+        image = self.lookup(ref)
+        if image.id in set(in_use) and not force:
+            raise Conflict(f"conflict: image {ref} is used by a container")
+        with self._lock:
+            index = self._read_index()
+            index["manifests"] = [d for d in index["manifests"] if d["digest"] != image.manifest_digest]
+            self._write_index(index)
+            self._collect(index)
+        shutil.rmtree(os.path.dirname(self.rootfs_dir(image.id)), ignore_errors=True)
+        return image
+
+    def _collect(self, index: dict) -> None:
+        needed = set()
+        for desc in index["manifests"]:
+            needed.add(desc["digest"])
+            manifest = json.loads(self.read_blob(desc["digest"]))
+            needed.add(manifest["config"]["digest"])
+            needed.update(layer["digest"] for layer in manifest.get("layers", ()))
+        for entry in os.listdir(self.blobs_dir):
+            if not entry.startswith(".") and "sha256:" + entry not in needed:
+                os.unlink(os.path.join(self.blobs_dir, entry))
+
+
+def pick_platform(manifests: list[dict], os_name: str = "linux", arch: str = "amd64") -> dict:
+    for desc in manifests:
+        platform = desc.get("platform") or {}
+        if platform.get("os") == os_name and platform.get("architecture") == arch:
+            return desc
+    raise NotFound(f"no such image for {os_name}/{arch} in the index")
+
+
+def build_layer(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    """A deterministic uncompressed layer from (TarInfo, data) pairs, in the order given."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            info.mtime = info.mtime or 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def add_single_layer_image(store: ImageStore, layer: bytes, config: dict, names: Iterable[str]) -> Image:
+    """Store one image made of one uncompressed layer (the built-in image, and tests)."""
+    diff_id = "sha256:" + sha256_hex(layer)
+    config = dict(config, rootfs={"type": "layers", "diff_ids": [diff_id]})
+    config_bytes = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    layer_digest = store.write_blob(io.BytesIO(layer))
+    config_digest = store.write_blob(io.BytesIO(config_bytes))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPES[0],
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config_bytes)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest,
+                    "size": len(layer)}],
+    }
+    return store.add(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(), names)

@@ -1,0 +1,160 @@
+"""Apply image layers (tar, optionally gzip) to a rootfs directory, safely.
+
+Layers apply in order; OCI whiteouts are honoured (``.wh.<name>`` deletes, ``.wh..wh..opq`` empties the directory
+of what lower layers put there). Paths are resolved as the container will see them: symbolic links inside the
+rootfs are followed *within* the rootfs (an absolute target means the rootfs' root), so nothing a layer says can
+land outside it. Entries that try (``..``, absolute names, hard links out) are refused with an error naming the
+entry; what was extracted before the refusal stays inside the rootfs only.
+
+Runs in a worker thread: it blocks on the disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+from typing import BinaryIO
+
+from hyperd.errors import BadParameter
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+_MAX_LINKS = 40
+
+
+class LayerError(BadParameter):
+    """A layer that is not a tar, or that tries to write outside the rootfs."""
+
+
+def _clean(name: str, layer: str) -> str:
+    """The member's path relative to the root, or LayerError for one that climbs out."""
+    parts = []
+    for part in name.replace("\\", "/").split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise LayerError(f"layer {layer}: entry {name!r} escapes the rootfs ('..')")
+        parts.append(part)
+    if name.startswith("/") and parts:
+        # Docker strips the leading slash of absolute names; refusing is the safer reading of the issue.
+        raise LayerError(f"layer {layer}: entry {name!r} has an absolute path")
+    return "/".join(parts)
+
+
+def resolve(root: str, relpath: str, follow_last: bool = True) -> str:
+    """The host path of ``relpath`` in ``root``, following symlinks as if ``root`` were ``/``."""
+    todo = [p for p in relpath.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        candidate = os.path.join(root, *done, part)
+        if (todo or follow_last) and os.path.islink(candidate):
+            hops += 1
+            if hops > _MAX_LINKS:
+                raise LayerError(f"too many levels of symbolic links resolving {relpath!r}")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _open_layer(fileobj: BinaryIO, layer: str) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=fileobj, mode="r|*")
+    except tarfile.TarError as e:
+        raise LayerError(f"layer {layer}: not a tar archive ({e})") from None
+
+
+def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> None:
+    """Apply one layer (a tar stream, gzip or not) to the rootfs at ``root``."""
+    root = os.path.realpath(root)
+    as_root = os.geteuid() == 0
+    deferred_dirs = []
+    tar = _open_layer(fileobj, layer)
+    try:
+        for member in tar:
+            rel = _clean(member.name, layer)
+            if not rel:
+                continue
+            parent_rel, base = posixpath.split(rel)
+            parent = resolve(root, parent_rel)
+            os.makedirs(parent, exist_ok=True)
+            if base == OPAQUE:
+                for entry in os.listdir(parent):
+                    _remove(os.path.join(parent, entry))
+                continue
+            if base.startswith(WHITEOUT):
+                _remove(os.path.join(parent, base[len(WHITEOUT):]))
+                continue
+            target = os.path.join(parent, base)
+            if member.isdir():
+                if os.path.lexists(target) and not os.path.isdir(target):
+                    _remove(target)
+                os.makedirs(target, exist_ok=True)
+                deferred_dirs.append((target, member))
+                continue
+            if os.path.lexists(target):
+                _remove(target)
+            if member.isreg():
+                source = tar.extractfile(member)
+                with open(target, "wb") as out:
+                    shutil.copyfileobj(source, out, 1024 * 1024)
+            elif member.issym():
+                os.symlink(member.linkname, target)
+            elif member.islnk():
+                link_rel = _clean(member.linkname, layer)
+                link_parent, link_base = posixpath.split(link_rel)
+                source_path = os.path.join(resolve(root, link_parent), link_base)
+                if not os.path.lexists(source_path):
+                    raise LayerError(f"layer {layer}: hard link {member.name!r} points to missing {member.linkname!r}")
+                os.link(source_path, target, follow_symlinks=False)
+                continue
+            elif member.ischr() or member.isblk() or member.isfifo():
+                if not as_root and not member.isfifo():
+                    continue
+                kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK if member.isblk() else stat.S_IFIFO
+                os.mknod(target, member.mode | kind, os.makedev(member.devmajor, member.devminor))
+            else:
+                continue
+            _set_attributes(target, member, as_root)
+    except tarfile.TarError as e:
+        raise LayerError(f"layer {layer}: corrupt tar archive ({e})") from None
+    finally:
+        tar.close()
+    # Directory modes and times last, so that a read-only directory does not stop its own contents.
+    for target, member in reversed(deferred_dirs):
+        _set_attributes(target, member, as_root)
+
+
+def _set_attributes(path: str, member: tarfile.TarInfo, as_root: bool) -> None:
+    if as_root:
+        try:
+            os.lchown(path, member.uid, member.gid)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                raise
+    if not member.issym():
+        os.chmod(path, member.mode & 0o7777)
+    try:
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+    except OSError:
+        pass
