@@ -1,0 +1,224 @@
+"""A pod inside its VM: the share directory prepared, STARTPOD, a NEWCONTAINER per container, their output
+written to json-file logs, and their exits reported once both the exit status and the end of output are in.
+
+The Sandbox talks to one VM's agent and stream channel; the Daemon decides when to start and stop it and keeps
+the state store in step through the ``on_exit`` callback.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Callable
+
+import attrs
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from hyperd.agent import codec
+from hyperd.errors import BadParameter
+from hyperd.image.store import Image
+from hyperd.pod import payloads
+from hyperd.pod.spec import UserContainer, UserPod
+
+log = Logger()
+
+
+@attrs.define
+class ContainerPlan:
+    """One container of the pod as the sandbox runs it."""
+
+    container_id: str
+    spec: UserContainer
+    image: Image
+    stdio: int = 0
+    stderr: int = 0
+    status: str = "pending"
+    exit_code: int | None = None
+
+
+def rfc3339(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%09dZ" % int((ts % 1) * 1e9)
+
+
+class JSONFileLog:
+    """Docker's json-file log of one container: one JSON object per line of output."""
+
+    def __init__(self, path: str, stream: str):
+        self.path = path
+        self.stream = stream
+        self._partial = b""
+
+    def stream_data(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if lines:
+            self._write([line + b"\n" for line in lines])
+
+    def stream_eof(self) -> None:
+        if self._partial:
+            self._write([self._partial])
+            self._partial = b""
+
+    def _write(self, chunks: list[bytes]) -> None:
+        now = rfc3339(time.time())
+        with open(self.path, "ab") as f:
+            for chunk in chunks:
+                f.write(json.dumps({"log": chunk.decode("utf-8", "replace"), "stream": self.stream,
+                                    "time": now}).encode() + b"\n")
+
+
+def _file_bytes(detail, path: str) -> bytes:
+    if detail.uri:
+        if not detail.uri.startswith("file:///"):
+            raise BadParameter(f"{path}: only file:/// URIs can be read ({detail.uri!r})")
+        try:
+            with open(detail.uri[len("file://"):], "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise BadParameter(f"{path}: cannot read {detail.uri}: {e.strerror}") from None
+    if detail.encoding == "base64":
+        try:
+            return base64.b64decode(detail.content, validate=True)
+        except ValueError:
+            raise BadParameter(f"{path}: content is not valid base64") from None
+    return detail.content.encode()
+
+
+class Sandbox:
+    """One pod running in one VM."""
+
+    def __init__(self, reactor, vm, pod: UserPod, containers: list[ContainerPlan], log_dir: str,
+                 allocate_seq: Callable[[], int], on_exit: Callable[[ContainerPlan], None]):
+        self._reactor = reactor
+        self.vm = vm
+        self.pod = pod
+        self.containers = containers
+        self.log_dir = log_dir
+        self._allocate_seq = allocate_seq
+        self._on_exit = on_exit
+        self._exited: dict[str, defer.Deferred] = {}
+
+    @property
+    def share_dir(self) -> str:
+        return os.path.join(self.vm.vm_dir, "share_dir")
+
+    def log_path(self, container_id: str) -> str:
+        return os.path.join(self.log_dir, f"{container_id}-json.log")
+
+    def prepare_share(self) -> None:
+        """Volumes and files the containers map, written into the VM's 9p share (blocking: small files)."""
+        files = {f.name: f for f in self.pod.files}
+        for volume in {v.volume for c in self.containers for v in c.spec.volumes}:
+            os.makedirs(os.path.join(self.share_dir, payloads.SHARED_VOLUMES, volume), exist_ok=True)
+        for plan in self.containers:
+            for index, cf in enumerate(plan.spec.files):
+                detail = cf.detail or files[cf.filename]
+                target = os.path.join(self.share_dir, payloads.SHARED_FILES, plan.container_id, str(index))
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "wb") as f:
+                    f.write(_file_bytes(detail, f"{plan.spec.name}.files[{index}]"))
+                os.chmod(target, cf.perm)
+        os.makedirs(self.log_dir, exist_ok=True)
+
+    async def start(self) -> None:
+        """STARTPOD, then every container. Raises (AgentError, BadParameter) with nothing half-running."""
+        self.prepare_share()
+        await self.vm.agent.request_json(codec.STARTPOD, payloads.startpod_payload(self.pod))
+        for plan in self.containers:
+            await self.start_container(plan)
+
+    async def start_container(self, plan: ContainerPlan) -> None:
+        plan.stdio = plan.stdio or self._allocate_seq()
+        plan.stderr = plan.stderr or self._allocate_seq()
+        payload = payloads.newcontainer_payload(plan.container_id, plan.spec, plan.image, self.pod,
+                                                plan.stdio, plan.stderr)
+        self._watch(plan)
+        await self.vm.agent.request_json(codec.NEWCONTAINER, payload)
+        plan.status = "running"
+
+    def adopt(self) -> None:
+        """After a daemon restart: listen again for the output and exits of the containers still running."""
+        for plan in self.containers:
+            if plan.status == "running":
+                self._watch(plan)
+
+    def _watch(self, plan: ContainerPlan) -> None:
+        exit_ = self.vm.exits.watch(plan.container_id, "init")
+        path = self.log_path(plan.container_id)
+        self.vm.streams.attach(plan.stdio, exit_.wrap_sink(JSONFileLog(path, "stdout")))
+        if plan.stderr and not plan.spec.tty:
+            self.vm.streams.attach(plan.stderr, JSONFileLog(path, "stderr"))
+        d = exit_.when_exited()
+        self._exited[plan.container_id] = d
+        d.addCallback(self._container_exited, plan)
+
+    def _container_exited(self, status: int, plan: ContainerPlan) -> None:
+        self.vm.exits.forget(plan.container_id, "init")
+        self.vm.streams.detach(plan.stderr)
+        plan.exit_code = status
+        plan.status = "succeeded" if status == 0 else "failed"
+        log.info("{pod}: container {name} exited with {status}", pod=self.pod.id, name=plan.spec.name,
+                 status=status)
+        self._on_exit(plan)
+
+    @property
+    def finished(self) -> bool:
+        return all(p.status in ("succeeded", "failed") for p in self.containers)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """TERM every running container, KILL what is left after ``grace``, then remove them in the guest."""
+        running = [p for p in self.containers if p.status == "running"]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if not running:
+                break
+            for plan in running:
+                try:
+                    await self.vm.agent.request_json(codec.KILLCONTAINER,
+                                                     {"container": plan.container_id, "signal": int(sig)})
+                except Exception as e:
+                    log.info("{pod}: kill {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
+            waits = [self._exited[p.container_id] for p in running if p.container_id in self._exited]
+            done = defer.DeferredList([_observe(d) for d in waits], consumeErrors=True)
+            timeout = self._reactor.callLater(grace, lambda: done.called or done.cancel())
+            try:
+                await done
+            except defer.CancelledError:
+                pass
+            if timeout.active():
+                timeout.cancel()
+            running = [p for p in running if p.status == "running"]
+        for plan in self.containers:
+            try:
+                await self.vm.agent.request_json(codec.REMOVECONTAINER, {"container": plan.container_id})
+            except Exception as e:
+                log.info("{pod}: remove {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
+        # The stop is over: what did not report an exit is counted as killed (Docker's 137).
+        for plan in running:
+            if plan.status == "running":
+                self._exited.pop(plan.container_id, None)
+                self.vm.exits.forget(plan.container_id, "init")
+                plan.exit_code, plan.status = 128 + signal.SIGKILL, "failed"
+                self._on_exit(plan)
+
+    def cleanup_share(self) -> None:
+        """Forget this pod's files in the share, so the VM can serve the next pod clean."""
+        for sub in (payloads.SHARED_VOLUMES, payloads.SHARED_FILES):
+            shutil.rmtree(os.path.join(self.share_dir, sub), ignore_errors=True)
+
+
+def _observe(d: defer.Deferred) -> defer.Deferred:
+    """A new Deferred that fires when ``d`` does, without taking ``d``'s result from its other callbacks."""
+    out: defer.Deferred = defer.Deferred()
+
+    def passthrough(result):
+        if not out.called:
+            out.callback(None)
+        return result
+
+    d.addBoth(passthrough)
+    return out
