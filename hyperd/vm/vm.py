@@ -62,13 +62,14 @@ def first_of(*ds: defer.Deferred) -> defer.Deferred:
 
     def settle(result, index):
         if not out.called:
-            for j, other in enumerate(ds):
-                if j != index and not other.called:
-                    other.cancel()
+            # Settle first: the losers' CancelledErrors come back through here and must find it settled.
             if isinstance(result, defer.Failure):
                 out.errback(result)
             else:
                 out.callback(result)
+            for j, other in enumerate(ds):
+                if j != index and not other.called:
+                    other.cancel()
         # Late results (and the CancelledErrors of the losers) are dropped here.
         return None
 

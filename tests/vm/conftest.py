@@ -27,3 +27,85 @@ def no_unhandled_errors():
         pytest.fail("unhandled errors were logged:\n" + "\n".join(
             formatEvent(e) + ("\n" + e["log_failure"].getTraceback() if e.get("log_failure") else "")
             for e in errors))
+
+
+# -- real qemu ------------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest_twisted  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def guest():
+    """The guest kernel and initrd, built once per session into a temp root (removed afterwards)."""
+    from hyperd.guest.initrd import build_guest
+
+    root = tempfile.mkdtemp(prefix="hdg", dir="/tmp")
+    try:
+        yield build_guest(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def run_dir():
+    d = tempfile.mkdtemp(prefix="hd", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def reactor():
+    from twisted.internet import reactor as r
+
+    return r
+
+
+@pytest.fixture
+def vm_config(guest, run_dir):
+    """Makes configs of VMs under this test's run dir."""
+    from hyperd.guest.initrd import kernel_cmdline
+    from hyperd.vm.qemu import VMConfig
+
+    def make(**kw):
+        base = dict(run_dir=run_dir, kernel=guest.kernel, initrd=guest.initrd, append=kernel_cmdline(),
+                    accel="tcg")
+        base.update(kw)
+        return VMConfig.create(**base)
+
+    return make
+
+
+@pytest.fixture
+def cleanup_vms(run_dir):
+    """Tests add VMs (or bare pids) here; whatever still runs at the end is killed, even on failure."""
+    vms = []
+    yield vms
+    from hyperd.vm.process import pid_is_vm
+
+    for vm in vms:
+        pid, vm_dir = (vm.pid, vm.vm_dir) if hasattr(vm, "pid") else vm
+        if pid and pid_is_vm(pid, vm_dir):
+            os.kill(pid, signal.SIGKILL)
+        if hasattr(vm, "detach"):
+            vm.detach()
+    # Any qemu left under this run dir (e.g. spawned by a boot that raised) is killed too.
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and pid_is_vm(int(entry), run_dir):
+            os.kill(int(entry), signal.SIGKILL)
+    from twisted.internet import defer
+
+    pytest_twisted.blockon(defer.ensureDeferred(_settle()))
+
+
+async def _settle():
+    from twisted.internet import reactor, task
+
+    # Give the reactor a moment to reap what was killed.
+    await task.deferLater(reactor, 0.2, lambda: None)
