@@ -41,6 +41,7 @@ setup(
             "pytest>=8,<10",
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.100,<7",
+            "pytest-timeout>=2.2,<3",
         ],
     },
     entry_points={
