@@ -198,7 +198,10 @@ class HyperService(MultiService):
                     raise StartupError(f"cannot listen on {path}: {e2.socketError}") from None
             else:
                 raise StartupError(f"cannot listen on {path}: {e.socketError}") from None
-        except (ValueError, KeyError) as e:
+        except IndexError:
+            raise StartupError(f"{endpoint_string}: no such socket was passed to hyperd "
+                               "(LISTEN_FDS/LISTEN_PID unset or wrong: is hyperd.socket active?)") from None
+        except (ValueError, KeyError, TypeError) as e:
             raise StartupError(f"bad socket endpoint {endpoint_string!r}: {e}") from None
         if path and group:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
