@@ -198,3 +198,47 @@ async def test_destroypod_is_a_request_like_any_other(reactor, vm_config, cleanu
     assert await vm.agent.request(codec.DESTROYPOD) == b""
     reason = await dead
     assert "exited with code 0" in reason
+
+
+BOOT_AND_EXIT = r"""
+import json, sys
+from twisted.internet import defer, task
+from hyperd.vm.qemu import VMConfig
+from hyperd.vm.vm import VM
+
+async def main(reactor):
+    config = VMConfig.from_dict(json.loads(sys.argv[1]))
+    vm = await VM.boot(reactor, config, ready_timeout=40)
+    print(json.dumps(vm.record()), flush=True)
+    vm.detach()
+
+task.react(lambda r: defer.ensureDeferred(main(r)))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest_twisted.ensureDeferred
+async def test_vm_outlives_the_process_that_booted_it(reactor, vm_config, cleanup_vms):
+    import sys
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    config = vm_config()
+    cleanup_vms.append((None, config.vm_dir))
+    # A separate "daemon" boots the VM and exits; qemu must keep running without it.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-c", BOOT_AND_EXIT, json.dumps(config.to_dict())], env=dict(os.environ), path=repo)
+    assert code == 0, err.decode()[-2000:]
+    record = json.loads(out.decode().strip().splitlines()[-1])
+    cleanup_vms.append((record["pid"], config.vm_dir))
+    await task.deferLater(reactor, 0.3, lambda: None)
+    assert pid_alive(record["pid"])
+    vm = await VM.reattach(reactor, record)
+    cleanup_vms.append(vm)
+    assert await vm.agent.ping() == b""
+    dead = vm.when_dead()
+    reason = await vm.stop()
+    assert "exited" in reason and dead.called
+    assert process_gone(record["pid"])
+    assert not os.path.exists(config.vm_dir)
