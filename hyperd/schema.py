@@ -6,8 +6,9 @@ the same reading rules:
 
 * :func:`loads` parses bytes or text and turns a syntax error into :class:`~hyperd.errors.BadParameter`
   carrying the parser's complaint (line, column, what was expected).
-* :class:`JSONObject` is a read-only mapping over a parsed object whose lookups ignore case; nested
-  objects and arrays come back wrapped the same way, so ``spec["Containers"][0]["IMAGE"]`` works.
+* :class:`JSONObject` is a ``dict`` over a parsed object whose lookups ignore case; nested objects and
+  arrays come back wrapped the same way, so ``spec["Containers"][0]["IMAGE"]`` works, and code that
+  expects a plain dict (``isinstance(x, dict)``, ``.items()``, ``json.dumps``) still gets one.
 * :func:`field` reads one field with a type check and a default, and names the field's path in the
   error (``containers[0].image: expected a string``), which is what a user needs to fix a pod file.
 
@@ -17,7 +18,6 @@ Unknown keys are never an error: a reader only looks up the keys it knows.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 from hyperd.errors import BadParameter
@@ -77,37 +77,39 @@ def _join(path: str, key: str | int) -> str:
     return f"{path}.{key}" if path else key
 
 
-class JSONObject(Mapping):
+class JSONObject(dict):
     """A parsed JSON object whose keys match case-insensitively (as Go's encoding/json does).
 
-    If an object spells the same key twice in different cases, the last one wins, as in Go.
-    Iteration yields the keys as they were written.
+    It is a ``dict`` (so code that expects one, and ``json.dumps``, keep working) holding the keys as
+    written, with nested objects and arrays wrapped too; lookups with ``[]``, ``get`` and ``in`` ignore
+    case. If an object spells one key twice in different cases, lookups find the last, as in Go.
+    Treat it as read-only: it is what the client sent.
     """
 
-    __slots__ = ("raw", "path", "_folded")
-
     def __init__(self, raw: dict, path: str = "") -> None:
+        super().__init__((k, wrap(v, _join(path, k))) for k, v in raw.items())
         self.raw = raw
         self.path = path
-        self._folded = {}
-        for key in raw:
-            self._folded[key.casefold()] = key
+        self._folded = {k.casefold(): k for k in raw}
 
     def _key(self, key: str) -> str:
         return self._folded[key.casefold()]
 
     def __getitem__(self, key: str) -> Any:
-        real = self._key(key)
-        return wrap(self.raw[real], _join(self.path, real))
+        try:
+            real = self._key(key)
+        except (KeyError, AttributeError):
+            raise KeyError(key) from None
+        return super().__getitem__(real)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key.casefold() in self._folded
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._folded.values())
-
-    def __len__(self) -> int:
-        return len(self._folded)
 
     def __repr__(self) -> str:
         return f"JSONObject({self.raw!r})"

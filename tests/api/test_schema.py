@@ -79,8 +79,11 @@ def test_field_checks_types_and_names_the_path():
         field(c, "tty", int)  # true is not an integer
 
 
-def test_objects_are_read_only_mappings():
-    doc = loads('{"a": {"b": 1}}')
-    assert isinstance(doc, JSONObject)
+def test_objects_are_dicts_for_code_that_wants_one():
+    doc = loads('{"a": {"B": [1, {"c": 2}]}}')
+    assert isinstance(doc, JSONObject) and isinstance(doc, dict)
     assert list(doc) == ["a"] and len(doc) == 1
-    assert dict(doc["A"]) == {"b": 1}
+    assert list(doc.items())[0][0] == "a"
+    assert doc["A"].get("b")[1].get("C") == 2
+    assert doc.get("missing", 7) == 7
+    assert json.loads(json.dumps(doc)) == {"a": {"B": [1, {"c": 2}]}}
