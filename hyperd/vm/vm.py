@@ -58,7 +58,12 @@ def _tail(path: str, size: int = TAIL_BYTES) -> str:
 
 def first_of(*ds: defer.Deferred) -> defer.Deferred:
     """Fires like the first of ``ds`` to fire (result or failure), then cancels the others."""
-    out: defer.Deferred = defer.Deferred()
+    def cancel_all(_):
+        for d in ds:
+            if not d.called:
+                d.cancel()
+
+    out: defer.Deferred = defer.Deferred(cancel_all)
 
     def settle(result, index):
         if not out.called:
@@ -112,6 +117,8 @@ class VM:
         self._dead_waiters: list[defer.Deferred] = []
         self._detached = False
         self._guest_shutdown: str | None = None
+        self._last_console: str | None = None
+        self._last_tails: str | None = None
         if process is not None:
             process.ended.addCallback(self._process_ended)
 
@@ -149,6 +156,10 @@ class VM:
         if outcome is None:
             vm.status = "running"
             return vm
+        if isinstance(outcome, defer.CancelledError):
+            # The caller gave up on the boot (e.g. the VM was killed while booting): clean up, then say so.
+            await vm._abort()
+            raise outcome
         if isinstance(outcome, Exception):
             why = "the agent failed: %s" % outcome
         elif outcome == "timeout":
@@ -244,6 +255,9 @@ class VM:
         }
 
     def console_tail(self, size: int = TAIL_BYTES) -> str:
+        """The end of the guest's console; kept in memory once the VM is dead and its directory gone."""
+        if not os.path.isdir(self.vm_dir) and self._last_console is not None:
+            return self._last_console[-size:]
         return _tail(self.config.path(qemu.CONSOLE_LOG), size)
 
     # -- control -------------------------------------------------------------------------------------------
@@ -370,6 +384,7 @@ class VM:
             self._watcher = None
         self._close_connections()
         # The tails are kept in memory before the directory goes, for errors that quote them.
+        self._last_console = self.console_tail()
         self._last_tails = self._tails()
         self._cleanup()
         waiters, self._dead_waiters = self._dead_waiters, []
@@ -386,7 +401,7 @@ class VM:
         shutil.rmtree(self.vm_dir, ignore_errors=True)
 
     def _tails(self) -> str:
-        if not os.path.isdir(self.vm_dir) and getattr(self, "_last_tails", None):
+        if not os.path.isdir(self.vm_dir) and self._last_tails is not None:
             return self._last_tails
         parts = []
         console = self.console_tail()

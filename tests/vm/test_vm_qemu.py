@@ -242,3 +242,34 @@ async def test_vm_outlives_the_process_that_booted_it(reactor, vm_config, cleanu
     assert "exited" in reason and dead.called
     assert process_gone(record["pid"])
     assert not os.path.exists(config.vm_dir)
+
+
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_boot_kills_qemu_and_leaves_nothing(reactor, vm_config, run_dir):
+    from twisted.internet import defer
+
+    config = vm_config()
+    booting = defer.ensureDeferred(VM.boot(reactor, config, ready_timeout=40))
+    await task.deferLater(reactor, 0.7, lambda: None)
+    assert os.path.isdir(config.vm_dir)
+    booting.cancel()
+    with pytest.raises(defer.CancelledError):
+        await booting
+    assert not os.path.exists(config.vm_dir)
+    assert not any(config.vm_dir in " ".join(open("/proc/%s/cmdline" % p, "rb").read().decode(
+        errors="replace").split("\0")) for p in os.listdir("/proc")
+        if p.isdigit() and os.path.exists("/proc/%s/cmdline" % p))
+
+
+@pytest.mark.timeout(90)
+@pytest_twisted.ensureDeferred
+async def test_console_is_kept_after_death(reactor, vm_config, cleanup_vms):
+    from hyperd.guest.initrd import kernel_cmdline
+
+    vm = await VM.boot(reactor, vm_config(append=kernel_cmdline().replace("quiet", "")), ready_timeout=40)
+    cleanup_vms.append(vm)
+    assert "Linux version" in open(os.path.join(vm.vm_dir, "console.log")).read()
+    await vm.stop()
+    assert not os.path.exists(vm.vm_dir)
+    assert "Power down" in vm.console_tail()
