@@ -22,11 +22,14 @@ if [ ! -x .venv/bin/python ]; then
     /usr/bin/python3 -m venv .venv
 fi
 
-if .venv/bin/pip show hyperd 2>/dev/null | grep -q '^Editable project location:'; then
+# (capture first: `pip show | grep -q` fails under pipefail when grep exits early and pip gets SIGPIPE)
+shown=$(.venv/bin/pip show hyperd 2>/dev/null || true)
+if grep -q '^Editable project location:' <<<"$shown"; then
     # a developer's editable install: keep it editable (a plain install would shadow the working tree)
     .venv/bin/pip install -q -e '.[test]'
 else
     .venv/bin/pip install -q '.[test]'
 fi
+unset shown
 # Write Twisted's plugin cache now, while we may write site-packages (the daemon may not).
 .venv/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
