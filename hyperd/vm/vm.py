@@ -193,7 +193,6 @@ class VM:
         except Exception as e:
             outcome = e
         if outcome is None:
-            vm.status = record.get("status") if record.get("status") in ("running", "paused") else "running"
             log.info("{vm}: reattached to qemu pid {pid}", vm=vm.vm_id, pid=pid)
             return vm
         if isinstance(outcome, str) and outcome != "timeout":
@@ -218,8 +217,14 @@ class VM:
         self.streams = self._stream_proto.mux
         if wait_ready:
             await self.agent.handshake()
+            return
+        # Reattaching: a paused guest cannot answer PING; it is checked when it is resumed.
+        state = await self.qmp.execute("query-status")
+        if state.get("status") == "paused" or state.get("running") is False:
+            self.status = "paused"
         else:
             await self.agent.ping()
+            self.status = "running"
 
     # -- state ---------------------------------------------------------------------------------------------
 

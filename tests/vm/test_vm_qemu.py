@@ -84,6 +84,17 @@ async def test_reattach_after_a_daemon_restart(reactor, vm_config, cleanup_vms):
     assert await second.agent.ping() == b""
     status = await second.qmp.execute("query-status")
     assert status["status"] == "running"
+    assert second.status == "running"
+    # A VM paused under the old daemon is paused under the new one too.
+    await second.pause()
+    record = second.record()
+    second.detach()
+    third = await VM.reattach(reactor, record)
+    cleanup_vms.append(third)
+    assert third.status == "paused"
+    await third.resume()
+    assert await third.agent.ping() == b""
+    second = third
     reason = await second.stop()
     assert "exited" in reason
     assert process_gone(second.pid)
