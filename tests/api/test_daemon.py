@@ -204,3 +204,21 @@ def test_corrupt_state_database_is_a_startup_error_and_is_kept(hyperd_factory):
     assert "Traceback" not in h.log()
     with open(db, "rb") as f:
         assert f.read(22) == b"this is not a database"
+
+
+@pytest.mark.timeout(60)
+def test_host_key_adds_a_tcp_listener(hyperd_factory):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    h = hyperd_factory()
+    with open(h.config, "w") as f:
+        f.write(f"Host=tcp://127.0.0.1:{port}\n")
+    h.start()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /v1.17/_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"OK")
