@@ -36,16 +36,20 @@ def wants_json(request: IRequest) -> bool:
     return b"json" in accept.lower()
 
 
-def json_reply(request: IRequest, value: Any, code: int = 200) -> bytes:
+def _reply(request: IRequest, body: bytes, content_type: bytes, code: int) -> bytes:
     request.setResponseCode(code)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(value, sort_keys=True).encode("utf-8") + b"\n"
+    request.setHeader(b"content-type", content_type)
+    # a length, not chunked encoding: what hyperd's Go server sent for small replies, simplest for clients
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
+
+
+def json_reply(request: IRequest, value: Any, code: int = 200) -> bytes:
+    return _reply(request, json.dumps(value, sort_keys=True).encode("utf-8") + b"\n", b"application/json", code)
 
 
 def text_reply(request: IRequest, text: str, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    return text.encode("utf-8")
+    return _reply(request, text.encode("utf-8"), b"text/plain; charset=utf-8", code)
 
 
 def error_reply(request: IRequest, code: int, message: str) -> bytes:

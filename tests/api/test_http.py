@@ -129,6 +129,14 @@ def test_http_1_0_without_host(daemon):
 
 
 @pytest.mark.timeout(30)
+def test_replies_carry_a_content_length_not_chunks(daemon):
+    for target in ("/_ping", "/info", "/nope"):
+        status, headers, body = daemon.request("GET", target)
+        assert "transfer-encoding" not in headers
+        assert int(headers["content-length"]) == len(body)
+
+
+@pytest.mark.timeout(30)
 def test_json_replies_have_sorted_keys(daemon):
     body = daemon.request("GET", "/version")[2]
     keys = list(json.loads(body))
