@@ -109,6 +109,28 @@ async def cmd_list(client: HyperClient, args: argparse.Namespace, out: TextIO) -
             out.write(f"{f[0]:<66}{name:<20}{_at(f, 2):>15}{_at(f, 3):>10}\n")
 
 
+def _vm_create_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu", type=int, default=1, help="vCPUs (default 1)")
+    p.add_argument("--mem", "--memory", type=int, default=128, help="memory in MB (default 128)")
+    p.add_argument("--async", dest="async_", action="store_true", help="do not wait for the VM to boot")
+
+
+@command("vm create", "Boot an idle VM and print its id", _vm_create_arguments)
+async def cmd_vm_create(client: HyperClient, args: argparse.Namespace, out: TextIO) -> None:
+    out.write(f"{await client.create_vm(args.cpu, args.mem, wait=not args.async_)}\n")
+
+
+def _vm_kill_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vm", nargs="+", help="VM ids")
+
+
+@command("vm kill", "Stop and remove VMs", _vm_kill_arguments)
+async def cmd_vm_kill(client: HyperClient, args: argparse.Namespace, out: TextIO) -> None:
+    for vm_id in args.vm:
+        await client.kill_vm(vm_id)
+        out.write(f"VM({vm_id}) is killed\n")
+
+
 def _at(fields: list[str], i: int) -> str:
     return fields[i] if i < len(fields) else ""
 

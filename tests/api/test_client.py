@@ -102,3 +102,22 @@ def test_hyperctl_failure_is_an_error_line_and_nonzero_exit(hyperd):
     assert out.returncode == 1
     assert out.stderr.startswith(f"hyperctl ERROR: cannot connect to hyperd at {hyperd.socket_path}")
     assert "Traceback" not in out.stderr
+
+
+def test_hyperctl_nested_subcommands_parse():
+    from hyperd.client.cli import build_parser, cmd_vm_create, cmd_vm_kill
+
+    args = build_parser().parse_args(["-H", "unix:///x.sock", "vm", "create", "--cpu", "2", "--mem", "256",
+                                      "--async"])
+    assert (args.handler, args.cpu, args.mem, args.async_, args.host) == (cmd_vm_create, 2, 256, True,
+                                                                          "unix:///x.sock")
+    args = build_parser().parse_args(["vm", "kill", "vm-a", "vm-b"])
+    assert (args.handler, args.vm) == (cmd_vm_kill, ["vm-a", "vm-b"])
+
+
+def test_mem_size_string_matches_hyperctl():
+    from hyperd.client.cli import mem_size_string
+
+    assert mem_size_string(1000) == "1000 KB"
+    assert mem_size_string(3 * 1024 * 1024 // 2) == "1.5 MB"
+    assert mem_size_string(25276203008) == "23.5 GB"
