@@ -117,6 +117,9 @@ class VM:
         self._dead_waiters: list[defer.Deferred] = []
         self._detached = False
         self._guest_shutdown: str | None = None
+        #: Seconds from spawn to each boot step ("qmp", "connected", "ready", "version"), for logs and benchmarks.
+        self.boot_timings: dict[str, float] = {}
+        self._spawned_at = time.monotonic()
         self._last_console: str | None = None
         self._last_tails: str | None = None
         if process is not None:
@@ -139,11 +142,13 @@ class VM:
             raise VMError("%s: directory %s already exists" % (config.vm_id, config.vm_dir))
         try:
             os.mkdir(config.path(qemu.SHARE_DIR), 0o755)
+            spawned_at = time.monotonic()
             process = spawn_qemu(reactor, qemu.build_command(config), config.path(qemu.QEMU_LOG))
         except Exception as e:
             shutil.rmtree(config.vm_dir, ignore_errors=True)
             raise VMError("%s: cannot start qemu: %s" % (config.vm_id, e))
         vm = cls(reactor, config, process.pid, process)
+        vm._spawned_at = spawned_at
         log.info("{vm}: qemu pid {pid} started ({accel}, {cpu} cpu, {mem} MB)", vm=vm.vm_id, pid=vm.pid,
                  accel=config.accel, cpu=config.cpu, mem=config.mem)
         steps = defer.ensureDeferred(vm._connect(ready_timeout, wait_ready=True))
@@ -155,6 +160,7 @@ class VM:
             outcome = e
         if outcome is None:
             vm.status = "running"
+            log.info("{vm}: ready {timings}", vm=vm.vm_id, timings=vm.boot_timings)
             return vm
         if isinstance(outcome, defer.CancelledError):
             # The caller gave up on the boot (e.g. the VM was killed while booting): clean up, then say so.
@@ -205,6 +211,7 @@ class VM:
         give_up = lambda: self.dead  # noqa: E731
         c = self.config
         self.qmp = await connect_qmp(self._reactor, c.path(qemu.QMP_SOCKET), timeout)
+        self.boot_timings["qmp"] = self._since_spawn()
         self.qmp.add_event_observer(self._qmp_event)
         self.qmp.closed.addCallback(self._qmp_closed)
         self._agent_proto = await connect_unix(
@@ -215,8 +222,12 @@ class VM:
         self._stream_proto = await connect_unix(self._reactor, c.path(qemu.STREAM_SOCKET), StreamProtocol,
                                                 timeout=timeout, give_up=give_up)
         self.streams = self._stream_proto.mux
+        self.boot_timings["connected"] = self._since_spawn()
         if wait_ready:
+            await self.agent.when_ready()
+            self.boot_timings["ready"] = self._since_spawn()
             await self.agent.handshake()
+            self.boot_timings["version"] = self._since_spawn()
             return
         # Reattaching: a paused guest cannot answer PING; it is checked when it is resumed.
         state = await self.qmp.execute("query-status")
@@ -225,6 +236,9 @@ class VM:
         else:
             await self.agent.ping()
             self.status = "running"
+
+    def _since_spawn(self) -> float:
+        return round(time.monotonic() - self._spawned_at, 4)
 
     # -- state ---------------------------------------------------------------------------------------------
 
