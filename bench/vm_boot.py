@@ -56,7 +56,7 @@ def bare_boot(config: qemu.VMConfig, timeout: float = 60.0) -> tuple[float, floa
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("bare qemu: no control socket")
+                    raise RuntimeError("bare qemu: no control socket") from None
                 time.sleep(0.005)
         decoder = codec.CtlDecoder()
         sock.settimeout(max(0.1, deadline - time.monotonic()))

@@ -120,7 +120,7 @@ class AgentClient:
         try:
             version = codec.decode_u32(payload)
         except codec.FrameError as e:
-            raise AgentError("GETVERSION: bad reply %r (%s)" % (payload[:16], e), codec.GETVERSION)
+            raise AgentError("GETVERSION: bad reply %r (%s)" % (payload[:16], e), codec.GETVERSION) from e
         if version not in SUPPORTED_VERSIONS:
             raise AgentError("the guest agent speaks API %d; hyperd needs %d" % (version, codec.API_VERSION),
                              codec.GETVERSION)

@@ -19,7 +19,8 @@ different channels and race): ``ExitTracker``/``ProcessExit`` wait for both.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol as TypingProtocol
+from typing import Callable
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer

@@ -139,14 +139,14 @@ class VM:
         try:
             os.mkdir(config.vm_dir, 0o700)
         except FileExistsError:
-            raise VMError("%s: directory %s already exists" % (config.vm_id, config.vm_dir))
+            raise VMError("%s: directory %s already exists" % (config.vm_id, config.vm_dir)) from None
         try:
             os.mkdir(config.path(qemu.SHARE_DIR), 0o755)
             spawned_at = time.monotonic()
             process = spawn_qemu(reactor, qemu.build_command(config), config.path(qemu.QEMU_LOG))
         except Exception as e:
             shutil.rmtree(config.vm_dir, ignore_errors=True)
-            raise VMError("%s: cannot start qemu: %s" % (config.vm_id, e))
+            raise VMError("%s: cannot start qemu: %s" % (config.vm_id, e)) from e
         vm = cls(reactor, config, process.pid, process)
         vm._spawned_at = spawned_at
         log.info("{vm}: qemu pid {pid} started ({accel}, {cpu} cpu, {mem} MB)", vm=vm.vm_id, pid=vm.pid,

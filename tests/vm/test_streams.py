@@ -1,14 +1,21 @@
 """The stream channel: per-seq sinks, split/merged frames, EOF, flow control both ways, exit = event + EOF."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
 from hyperd.agent import codec
 from hyperd.agent.streams import (
-    UNATTACHED_LIMIT, BufferSink, ExitTracker, MAX_FRAME_DATA, ProcessExit, StreamMux, StreamProtocol,
+    MAX_FRAME_DATA,
+    UNATTACHED_LIMIT,
+    BufferSink,
+    ExitTracker,
+    ProcessExit,
+    StreamMux,
+    StreamProtocol,
 )
 
 

@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import task
 
 from hyperd.agent import codec
+from hyperd.agent.client import AgentClosed
 from hyperd.errors import VMError
 from hyperd.vm.process import pid_alive
 from hyperd.vm.vm import VM, VMGone
@@ -64,7 +65,7 @@ async def test_sigkill_behind_our_back_is_noticed_within_a_second(reactor, vm_co
     assert dead.result == "killed by signal 9"
     assert vm.status == "dead"
     assert not os.path.exists(vm.vm_dir)
-    with pytest.raises(Exception):
+    with pytest.raises(AgentClosed):
         await vm.agent.ping()
 
 
