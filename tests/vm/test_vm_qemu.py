@@ -285,3 +285,21 @@ async def test_console_is_kept_after_death(reactor, vm_config, cleanup_vms):
     await vm.stop()
     assert not os.path.exists(vm.vm_dir)
     assert "Power down" in vm.console_tail()
+
+
+@pytest.mark.timeout(90)
+@pytest_twisted.ensureDeferred
+async def test_large_messages_and_errors_over_the_real_channel(reactor, vm_config, cleanup_vms):
+    vm = await VM.boot(reactor, vm_config(append=""), ready_timeout=40)  # "" → the guest's default cmdline
+    cleanup_vms.append(vm)
+    assert set(vm.boot_timings) == {"qmp", "connected", "ready", "version"}
+    # 5 KB go in 512-byte chunks, each sent only after the guest's NEXT; the answer still comes.
+    big = b'{"x":"' + b"y" * 5000 + b'"}'
+    assert await vm.agent.request(codec.PING, big) == b""
+    from hyperd.agent.client import AgentError
+
+    with pytest.raises(AgentError) as e:
+        await vm.agent.request(codec.EXECCMD, b"garbage{")
+    assert e.value.code == codec.EXECCMD and e.value.text
+    assert await vm.agent.ping() == b""
+    await vm.stop()
