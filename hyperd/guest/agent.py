@@ -306,7 +306,7 @@ class Agent:
         elif self.stream is not None and fd == self.stream.fd:
             self._port_event(self.stream, revents, self._stream_readable)
         elif fd == self._sigchld_r:
-            self._reap()
+            self.reap_children()
         else:
             if revents & (_POLLIN | _POLLHUP | _POLLERR | _POLLNVAL) and fd in self.readers:
                 self.readers[fd]()
@@ -411,7 +411,7 @@ class Agent:
                 # hyperstart answers a frame for a seq it does not know with an empty frame (EOF).
                 self.send_stream(seq, b"")
 
-    def _reap(self) -> None:
+    def reap_children(self) -> None:
         try:
             while os.read(self._sigchld_r, 4096):
                 pass
@@ -440,7 +440,7 @@ class Agent:
 
 
 def _ignore_signal(signum, frame) -> None:
-    # A Python-level handler is needed for set_wakeup_fd to see SIGCHLD; the work happens in _reap.
+    # A Python-level handler is needed for set_wakeup_fd to see SIGCHLD; the work happens in reap_children.
     pass
 
 

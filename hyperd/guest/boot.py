@@ -9,7 +9,7 @@ import os
 import time
 
 from hyperd.agent import codec
-from hyperd.guest import linux, modules
+from hyperd.guest import linux, modules, pod
 from hyperd.guest.agent import Agent, describe_exception, log
 
 PORTS_DIR = "/sys/class/virtio-ports"
@@ -104,7 +104,7 @@ def main() -> None:
         # After READY, while idle: json (imported late, it costs ~0.2 s under TCG), then the other modules.
         idle = [_preload_json] + [_loader(name) for name in modules.DEFERRED]
         agent = Agent(ctl, stream, deferred_loads=idle)
-        _install_commands(agent)
+        pod.install(agent)
         stage("ports")
         agent.send_ready()
         stage("ready")
@@ -121,17 +121,9 @@ def main() -> None:
 
 
 def _preload_json() -> None:
+    import base64  # noqa: F401
     import json  # noqa: F401
 
 
 def _loader(name: str):
     return lambda: load_module(name)
-
-
-def _install_commands(agent: Agent) -> None:
-    """Add the pod commands (phase 2) when present; the agent answers ERROR for them otherwise."""
-    try:
-        from hyperd.guest import pod
-    except ImportError:
-        return
-    pod.install(agent)

@@ -45,7 +45,7 @@ GUEST_ZIP = "usr/lib/python311.zip"
 GUEST_ENTRY_MODULES = ("hyperd.guest.boot",)
 #: Imported late by the guest (so not seen by importing the entry modules), and codecs Python may need at
 #: start whatever the host's locale is.
-EXTRA_STDLIB_MODULES = ("json", "encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases")
+EXTRA_STDLIB_MODULES = ("json", "base64", "encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases")
 
 _SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
