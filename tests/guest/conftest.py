@@ -282,3 +282,9 @@ def boot_vm(guest_files):
     finally:
         for vm in vms:
             vm.kill()
+
+
+@pytest.fixture(scope="session")
+def guest_vm_class():
+    """The harness class, for fixtures of a wider scope than ``boot_vm`` (which must kill what they boot)."""
+    return GuestVM
