@@ -296,6 +296,8 @@ class VM:
         Returns the reason qemu ended; its directory is gone afterwards.
         """
         if not self.dead:
+            # A paused guest cannot answer DESTROYPOD: go straight to QMP quit.
+            skip_destroy = self.status == "paused"
             self.status = "stopping"
             steps: list[tuple[str, Callable[[], defer.Deferred], float]] = [
                 ("DESTROYPOD", lambda: self.agent.request(codec.DESTROYPOD), grace),
@@ -306,7 +308,7 @@ class VM:
             for name, action, wait in steps:
                 if self.dead:
                     break
-                if name == "DESTROYPOD" and (self.agent is None or self.agent.closed):
+                if name == "DESTROYPOD" and (skip_destroy or self.agent is None or self.agent.closed):
                     continue
                 log.info("{vm}: stop: {step}", vm=self.vm_id, step=name)
                 if await self._try_step(action, wait):

@@ -146,12 +146,28 @@ async def test_pause_resume_and_stop_escalates_past_a_frozen_guest(reactor, vm_c
     await vm.resume()
     assert vm.status == "running"
     assert await vm.agent.ping() == b""
-    await vm.pause()
-    # A paused guest cannot answer DESTROYPOD: the stop must go on to QMP quit after the grace time.
+    # A hung guest cannot answer DESTROYPOD: the stop goes on to QMP quit after the grace time. A hang is
+    # made by freezing the vCPU; the status is set back so that stop() does not know (as with a real hang).
+    await vm.qmp.execute("stop")
+    assert vm.status == "paused"  # the STOP event was noticed
+    vm.status = "running"
     t0 = time.monotonic()
     reason = await vm.stop(grace=0.5)
     elapsed = time.monotonic() - t0
     assert 0.5 <= elapsed < 3
+    assert "exited" in reason
+    assert not os.path.exists(vm.vm_dir)
+
+
+@pytest.mark.timeout(90)
+@pytest_twisted.ensureDeferred
+async def test_stopping_a_paused_vm_does_not_wait_for_the_agent(reactor, vm_config, cleanup_vms):
+    vm = await VM.boot(reactor, vm_config(), ready_timeout=40)
+    cleanup_vms.append(vm)
+    await vm.pause()
+    t0 = time.monotonic()
+    reason = await vm.stop(grace=10)
+    assert time.monotonic() - t0 < 2
     assert "exited" in reason
     assert not os.path.exists(vm.vm_dir)
 
