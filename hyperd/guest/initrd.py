@@ -13,6 +13,7 @@ they are rebuilt only when an input changed, and the same inputs give the same b
 import argparse
 import dataclasses
 import fcntl
+import gzip
 import hashlib
 import io
 import json
@@ -277,8 +278,8 @@ def _module_files(version: str) -> dict:
         path = result.stdout.strip()
         if result.returncode != 0 or not path or path == "(builtin)" or path.startswith("(builtin)"):
             continue
-        if not path.endswith(".ko"):
-            raise RuntimeError("%s is compressed (%s); the guest loads plain .ko files" % (name, path))
+        if not path.endswith((".ko", ".ko.xz", ".ko.gz")):
+            raise RuntimeError("%s: cannot unpack %s (plain, .xz and .gz modules are supported)" % (name, path))
         found[name] = path
     missing = [n for n in guest_modules.SERIAL if n not in found]
     if missing:
@@ -334,9 +335,17 @@ def _build_initrd(version: str, python: str) -> tuple:
     for guest_path, host_path in sorted(libs.items()):
         add_host_file(guest_path.lstrip("/"), host_path, 0o755)
 
-    # kernel modules, flat, under the names the guest loads them by
+    # kernel modules, flat, under the names the guest loads them by; decompressed here, since
+    # finit_module of a compressed module needs kernel support this kernel may not have
     for name, path in sorted(_module_files(version).items()):
-        add_host_file("%s/%s.ko" % (guest_modules.MODULE_DIR.strip("/"), name), path, 0o644)
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.endswith(".xz"):
+            data = lzma.decompress(data)
+        elif path.endswith(".gz"):
+            data = gzip.decompress(data)
+        cpio.add_file("%s/%s.ko" % (guest_modules.MODULE_DIR.strip("/"), name), data, 0o644)
+        inputs[path] = _file_id(path)
 
     cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     cpio.add_file("etc/group", b"root:x:0:\ntty:x:5:\n")
@@ -475,13 +484,29 @@ def _kernel_log() -> str:
     return b"".join(chunks).decode("utf-8", "replace")
 
 
+@lru_cache(maxsize=1)
+def _kernel_hz():
+    """CONFIG_HZ of the guest kernel (for lpj), from /boot/config-<version>; None when unknown."""
+    try:
+        _, version = newest_kernel()
+        with open("/boot/config-%s" % version) as f:
+            for line in f:
+                if line.startswith("CONFIG_HZ="):
+                    return int(line.split("=", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def kernel_cmdline(extra: str = "") -> str:
     """The ``-append`` string for qemu (PYTHONHASHSEED=0 becomes the agent's environment)."""
     parts = [BASE_CMDLINE]
     khz = host_tsc_khz()
     if khz:
-        hz = 250  # Debian's CONFIG_HZ
-        parts.append("tsc_early_khz=%d tsc=reliable lpj=%d" % (khz, khz * 1000 // hz))
+        parts.append("tsc_early_khz=%d tsc=reliable" % khz)
+        hz = _kernel_hz()
+        if hz:
+            parts.append("lpj=%d" % (khz * 1000 // hz))
     parts.append("PYTHONHASHSEED=0")
     if extra:
         parts.append(extra)
