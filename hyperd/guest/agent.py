@@ -238,7 +238,12 @@ class Agent:
     def run(self) -> None:
         """Serve until DESTROYPOD; then flush the ACK and return (the caller powers off)."""
         while not self.stopping:
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception as e:
+                # PID 1 must not die: log, pause a moment so that a persistent fault cannot spin, go on.
+                log("loop: %s" % describe_exception(e))
+                time.sleep(0.01)
         self.flush_ctl(2.0)
 
     def flush_ctl(self, timeout: float) -> None:
@@ -308,10 +313,15 @@ class Agent:
             self._port_event(self.stream, revents, self._stream_readable)
         elif fd == self._sigchld_r:
             self.reap_children()
+        elif revents & _POLLNVAL:
+            # Closed behind our back: forget it rather than poll it forever.
+            log("fd %d was closed while watched" % fd)
+            self.remove_reader(fd)
+            self.remove_writer(fd)
         else:
-            if revents & (_POLLIN | _POLLHUP | _POLLERR | _POLLNVAL) and fd in self.readers:
+            if revents & (_POLLIN | _POLLHUP | _POLLERR) and fd in self.readers:
                 self.readers[fd]()
-            if revents & (_POLLOUT | _POLLERR | _POLLHUP | _POLLNVAL) and fd in self.writers:
+            if revents & (_POLLOUT | _POLLERR | _POLLHUP) and fd in self.writers:
                 self.writers[fd]()
 
     def _port_event(self, port: Port, revents: int, on_readable) -> None:

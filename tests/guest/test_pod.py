@@ -284,3 +284,15 @@ def test_destroypod_stops_the_vm(guest_files, images_dir, boot_vm):
     cid, stdio, _ = run_container(vm, ["sleep", "1000"])
     assert vm.ok(codec.DESTROYPOD) == b""
     assert vm.wait_exit() == 0
+
+
+@pytest.mark.timeout(120)
+def test_second_startpod_replaces_the_pod_in_the_same_vm(images_dir, boot_vm):
+    vm = boot_vm(images_dir=images_dir)
+    vm.wait_ready()
+    vm.ok(codec.STARTPOD, {"hostname": "first"})
+    old, old_stdio, _ = run_container(vm, ["sleep", "1000"])
+    vm.ok(codec.STARTPOD, {"hostname": "second"})  # the old pod's containers are removed
+    assert finish(vm, old, old_stdio)[0] == 137
+    cid, stdio, _ = run_container(vm, ["sh", "-c", "hostname; ps -o comm | grep -c sleep"])
+    assert finish(vm, cid, stdio) == (1, b"second\n0\n")
