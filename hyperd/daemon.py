@@ -10,17 +10,29 @@ The VM and pod operations are filled in by the VM and pod work; until then they 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import socket
+import string
+import time
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from hyperd import API_VERSION, __version__
 from hyperd.config import Config
-from hyperd.errors import BadParameter, HyperError
+from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
+from hyperd.image.builtin import ensure_busybox
+from hyperd.image.store import ImageStore
+from hyperd.pod.sandbox import ContainerPlan, Sandbox
+from hyperd.pod.spec import parse_pod
 from hyperd.state import StateStore
+from hyperd.vm import VM, VMConfig, VMGone, new_vm_id, probe_accel
 
 __all__ = ["Daemon", "LIST_ITEMS", "host_info"]
 
@@ -28,6 +40,73 @@ __all__ = ["Daemon", "LIST_ITEMS", "host_info"]
 LIST_ITEMS = {"pod": "podData", "container": "cData", "vm": "vmData"}
 
 INDEX_SERVER = "https://index.docker.io/v1/"
+
+#: The guest does not boot in less (reference/machine.md).
+MIN_MEM = 128
+BOOT_TIMEOUT = 30.0
+STOP_GRACE = 5.0
+
+# hyperd's result codes (reference/hyperd.md §1.2).
+E_OK = 0
+E_VM_SHUTDOWN = 2
+E_POD_STOPPED = 4
+
+_LETTERS = string.ascii_letters
+
+
+def new_pod_id() -> str:
+    return "pod-" + "".join(secrets.choice(_LETTERS) for _ in range(10))
+
+
+def new_container_id() -> str:
+    """Docker-style: 64 hex digits."""
+    return secrets.token_hex(32)
+
+
+@contextlib.asynccontextmanager
+async def _locked(lock: defer.DeferredLock):
+    await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@attrs.frozen
+class _GuestFiles:
+    kernel: str
+    initrd: str
+
+
+def _observe(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred firing like ``d`` without taking ``d``'s result from its other callbacks."""
+    out: defer.Deferred = defer.Deferred()
+
+    def passthrough(result):
+        if isinstance(result, defer.Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+        return result
+
+    d.addBoth(passthrough)
+    return out
+
+
+@attrs.define
+class VMEntry:
+    """What the daemon knows of one VM: its qemu (once booted), its status and its pod."""
+
+    vm_id: str
+    status: str = "booting"  # booting, idle, associated, stopping
+    pod_id: str | None = None
+    vm: VM | None = None
+    #: Stream sequence numbers are per VM and never reused (they survive a daemon restart in the record).
+    next_seq: int = 1
+
+    def allocate_seq(self) -> int:
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        return seq
 
 
 def _mem_total() -> int:
@@ -100,6 +179,14 @@ class Daemon(Service):
         # The accelerator VMs run with. "auto" becomes kvm only once the VM layer has proved that KVM
         # really runs a guest here (on these machines it hangs); until then TCG.
         self.accel = "tcg" if config.accel == "auto" else config.accel
+        self.images = ImageStore(config.root)
+        self._vms: dict[str, VMEntry] = {}
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._locks: dict[str, defer.DeferredLock] = {}
+        self._exit_waiters: dict[str, list[defer.Deferred]] = {}
+        self._guest = None
+        self._startup: defer.Deferred | None = None
+        self._start_error: str | None = None
 
     # --- service ------------------------------------------------------------------------------------
 
@@ -114,8 +201,99 @@ class Daemon(Service):
             accel=self.accel, pods=len(self.state.pods()), vms=len(self.state.vms()),
         )
 
+        self._startup = defer.ensureDeferred(self._start())
+        self._startup.addErrback(self._start_failed)
+
+    def _start_failed(self, failure) -> None:
+        self._start_error = failure.getErrorMessage()
+        self.log.failure("start-up failed", failure)
+
+    async def _start(self) -> None:
+        """What needs the reactor: the guest files, the built-in image, the accelerator, and the VMs that
+        outlived the previous daemon. Requests wait for it (``_ready``)."""
+        if self.config.kernel is None or self.config.initrd is None:
+            from hyperd.guest.initrd import build_guest
+
+            self._guest = await threads.deferToThread(build_guest, self.config.root)
+        else:
+            self._guest = _GuestFiles(self.config.kernel_path, self.config.initrd_path)
+        await threads.deferToThread(ensure_busybox, self.images)
+        if self.config.accel == "auto":
+            self.accel = await probe_accel(self.reactor, "auto", self._guest.kernel)
+        await self._recover()
+
+    async def _ready(self) -> None:
+        if self._startup is None:
+            raise HyperError("hyperd is not started")
+        if not self._startup.called:
+            await _observe(self._startup)
+        if self._start_error is not None:
+            raise HyperError(f"hyperd failed to start: {self._start_error}")
+
+    async def _recover(self) -> None:
+        """Reattach to the VMs a previous daemon left running; fail the pods whose VM is gone."""
+        for row in self.state.vms():
+            record = row.record
+            entry = VMEntry(row.vm_id, row.status, row.pod_id, next_seq=int(record.get("next_seq", 1)))
+            vm = None
+            if record.get("pid"):
+                try:
+                    vm = await VM.reattach(self.reactor, record)
+                except VMError as e:
+                    self.log.warn("{vm}: not recovered: {e}", vm=row.vm_id, e=e)
+            if vm is None:
+                self.state.delete_vm(row.vm_id)
+                if row.pod_id:
+                    self._fail_pod_rows(row.pod_id, f"its VM {row.vm_id} died while hyperd was down")
+                continue
+            entry.vm = vm
+            self._vms[entry.vm_id] = entry
+            vm.when_dead().addCallback(self._vm_died, entry)
+            if entry.pod_id:
+                self._adopt_pod(entry)
+        # Pods that were running without a recorded VM (e.g. mid-boot when the daemon died) are failed.
+        for pod in self.state.pods():
+            if pod.status in ("running", "pending") and pod.pod_id not in self._sandboxes and pod.vm_id:
+                self._fail_pod_rows(pod.pod_id, "hyperd stopped while the pod was starting")
+
+    def _fail_pod_rows(self, pod_id: str, reason: str) -> None:
+        for c in self.state.containers(pod_id):
+            if c.status in ("running", "pending"):
+                self.state.update_container(c.container_id, status="failed")
+        if self.state.get_pod(pod_id) is not None:
+            self._set_pod(pod_id, "failed", vm_id=None, reason=reason, finished=time.time())
+
+    def _adopt_pod(self, entry: VMEntry) -> None:
+        record = self.state.get_pod(entry.pod_id)
+        if record is None or record.status != "running":
+            return
+        pod = parse_pod(record.spec, pod_id=record.pod_id)
+        plans = []
+        for c, row in zip(pod.containers, self.state.containers(record.pod_id)):
+            plans.append(ContainerPlan(row.container_id, c, self.images.lookup(row.image),
+                                       row.record.get("stdio", 0), row.record.get("stderr", 0), row.status,
+                                       row.exit_code))
+        sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(record.pod_id), entry.allocate_seq,
+                          lambda plan: self._container_exited(record.pod_id, plan))
+        self._sandboxes[record.pod_id] = sandbox
+        sandbox.adopt()
+
     def stopService(self) -> Any:
         super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        """VMs outlive the daemon (a restarted one reattaches) unless the config says stop them."""
+        for entry in list(self._vms.values()):
+            if entry.vm is None:
+                continue
+            if self.config.stop_vms_on_exit:
+                try:
+                    await self._stop_vm(entry)
+                except Exception as e:
+                    self.log.warn("{vm}: stop: {e}", vm=entry.vm_id, e=e)
+            else:
+                entry.vm.detach()
         self.state.close()
 
     # --- system -------------------------------------------------------------------------------------
@@ -129,7 +307,7 @@ class Daemon(Service):
         info.update({
             "ID": str(os.getpid()),
             "Containers": len(self.state.containers()),
-            "Images": len(self.state.images()),
+            "Images": len(self.images.images()),
             "Pods": len(self.state.pods()),
             "VMs": len(self.state.vms()),
             "Driver": self.config.storage_driver,
@@ -175,28 +353,260 @@ class Daemon(Service):
                 out.append(f"{v.vm_id}:{v.pod_id or ''}:{v.status}")
         return out
 
-    # --- VMs (the VM work fills these in) ------------------------------------------------------------
+    # --- VMs ----------------------------------------------------------------------------------------
+
+    def _vm_entry(self, vm_id: str) -> VMEntry:
+        entry = self._vms.get(vm_id)
+        if entry is None:
+            raise NotFound(f"no such VM: {vm_id}")
+        return entry
+
+    def _check_resources(self, cpu: int, mem: int, what: str = "") -> None:
+        ncpu = os.cpu_count() or 1
+        if not 1 <= cpu <= ncpu:
+            raise BadParameter(f"bad parameter: {what}cpu must be between 1 and {ncpu} (the host's cores), not {cpu}")
+        mem_mb = host_info()["MemTotal"] // (1024 * 1024)
+        if not MIN_MEM <= mem <= mem_mb:
+            raise BadParameter(f"bad parameter: {what}mem must be between {MIN_MEM} and {mem_mb} MB, not {mem}")
 
     async def create_vm(self, cpu: int, mem: int, wait: bool = True) -> str:
         """Boot an idle VM; returns its id once its agent is READY (or at once if not ``wait``)."""
-        raise HyperError("not implemented yet: create_vm")
+        await self._ready()
+        self._check_resources(cpu, mem)
+        entry = self._new_vm_entry()
+        d = defer.ensureDeferred(self._boot(entry, cpu, mem))
+        if not wait:
+            d.addErrback(lambda f: self.log.failure("{vm}: boot failed", f, vm=entry.vm_id))
+            return entry.vm_id
+        await d
+        return entry.vm_id
+
+    def _new_vm_entry(self, pod_id: str | None = None) -> VMEntry:
+        entry = VMEntry(new_vm_id(), pod_id=pod_id)
+        self._vms[entry.vm_id] = entry
+        self.state.put_vm(entry.vm_id, pod_id, "booting", {})
+        return entry
+
+    async def _boot(self, entry: VMEntry, cpu: int, mem: int) -> VM:
+        config = VMConfig.create(
+            self.config.run_dir, vm_id=entry.vm_id, kernel=self._guest.kernel, initrd=self._guest.initrd,
+            cpu=cpu, mem=mem, accel=self.accel, images_dir=self.images.images_dir,
+        )
+        try:
+            vm = await VM.boot(self.reactor, config, ready_timeout=BOOT_TIMEOUT)
+        except BaseException:
+            self._vms.pop(entry.vm_id, None)
+            self.state.delete_vm(entry.vm_id)
+            raise
+        entry.vm = vm
+        entry.status = "associated" if entry.pod_id else "idle"
+        self._save_vm(entry)
+        vm.when_dead().addCallback(self._vm_died, entry)
+        return vm
+
+    def _save_vm(self, entry: VMEntry) -> None:
+        record = entry.vm.record() if entry.vm is not None else {}
+        record["next_seq"] = entry.next_seq
+        self.state.put_vm(entry.vm_id, entry.pod_id, entry.status, record)
+
+    def _vm_died(self, reason: str, entry: VMEntry) -> None:
+        """qemu is gone. Deliberate (stop, kill) or not, the VM row goes; a pod still running in it fails."""
+        self._vms.pop(entry.vm_id, None)
+        self.state.delete_vm(entry.vm_id)
+        if entry.status != "stopping":
+            self.log.warn("{vm}: died: {reason}", vm=entry.vm_id, reason=reason)
+        pod_id = entry.pod_id
+        sandbox = self._sandboxes.pop(pod_id, None) if pod_id else None
+        if pod_id and sandbox is not None and entry.status != "stopping":
+            for plan in sandbox.containers:
+                if plan.status in ("running", "pending"):
+                    plan.status = "failed"
+                    self.state.update_container(plan.container_id, status="failed")
+            self._set_pod(pod_id, "failed", vm_id=None, reason=f"the VM {entry.vm_id} died: {reason}",
+                          finished=time.time())
 
     async def kill_vm(self, vm_id: str) -> None:
-        raise HyperError("not implemented yet: kill_vm")
+        await self._ready()
+        entry = self._vm_entry(vm_id)
+        if entry.vm is None:
+            raise Conflict(f"conflict: VM {vm_id} is still booting")
+        pod_id = entry.pod_id
+        if pod_id and pod_id in self._sandboxes:
+            # The pod loses its VM: it failed, and says why.
+            sandbox = self._sandboxes.pop(pod_id)
+            for plan in sandbox.containers:
+                if plan.status == "running":
+                    plan.status, plan.exit_code = "failed", 137
+                    self.state.update_container(plan.container_id, status="failed", exit_code=137)
+            self._set_pod(pod_id, "failed", vm_id=None, reason=f"its VM {vm_id} was killed", finished=time.time())
+        await self._stop_vm(entry)
 
-    # --- pods (the pod work fills these in) -----------------------------------------------------------
+    async def _stop_vm(self, entry: VMEntry) -> None:
+        entry.status = "stopping"
+        await entry.vm.stop()
+        # when_dead has fired and removed the row; make sure even if it did not.
+        self._vms.pop(entry.vm_id, None)
+        self.state.delete_vm(entry.vm_id)
 
-    async def create_pod(self, spec: dict) -> str:
-        """Create a pending pod from a UserPod spec (a :class:`hyperd.schema.JSONObject`); returns its id."""
-        raise HyperError("not implemented yet: create_pod")
+    # --- pods ---------------------------------------------------------------------------------------
+
+    def _lock(self, pod_id: str) -> defer.DeferredLock:
+        return self._locks.setdefault(pod_id, defer.DeferredLock())
+
+    def _pod_record(self, pod_id: str):
+        record = self.state.get_pod(pod_id) or self.state.get_pod_by_name(pod_id)
+        if record is None:
+            raise NotFound(f"no such pod: {pod_id}")
+        return record
+
+    def _set_pod(self, pod_id: str, status: str, **fields) -> None:
+        self.state.update_pod(pod_id, status=status, **fields)
+
+    async def create_pod(self, spec) -> str:
+        """Create a pending pod from a UserPod document; returns its id. Nothing is created on error."""
+        await self._ready()
+        pod = parse_pod(spec, pod_id=new_pod_id())
+        if self.state.get_pod(pod.id) or self.state.get_pod_by_name(pod.id):
+            raise Conflict(f"conflict: a pod named {pod.id} exists already")
+        self._check_resources(pod.vcpu, pod.memory, "resource.")
+        images = [self.images.lookup(c.image) for c in pod.containers]
+        for c in pod.containers:
+            if self.state.find_container(c.name):
+                raise Conflict(f"conflict: a container named {c.name} exists already")
+        with self.state.transaction():
+            self.state.put_pod(pod.id, pod.id, pod.source, "pending")
+            for c, image in zip(pod.containers, images):
+                self.state.put_container(new_container_id(), pod.id, c.name, image.id, "pending",
+                                         record={"image": c.image})
+        return pod.id
 
     async def start_pod(self, pod_id: str, vm_id: str | None = None) -> int | None:
-        """Start a pod in a new VM, or in the idle VM ``vm_id``; returns a Code (None means 0)."""
-        raise HyperError("not implemented yet: start_pod")
+        await self._ready()
+        record = self._pod_record(pod_id)
+        async with _locked(self._lock(record.pod_id)):
+            return await self._start_pod(self._pod_record(pod_id), vm_id or None)
+
+    async def _start_pod(self, record, vm_id: str | None) -> int:
+        if record.status == "running" or record.pod_id in self._sandboxes:
+            raise Conflict(f"conflict: pod {record.pod_id} is running already")
+        pod = parse_pod(record.spec, pod_id=record.pod_id)
+        plans = []
+        for c, row in zip(pod.containers, self.state.containers(record.pod_id)):
+            plans.append(ContainerPlan(row.container_id, c, self.images.lookup(row.image)))
+        if vm_id:
+            entry = self._vm_entry(vm_id)
+            if entry.status != "idle" or entry.vm is None:
+                raise Conflict(f"conflict: VM {vm_id} is {entry.status}, not idle")
+            entry.status, entry.pod_id = "associated", record.pod_id
+            self._save_vm(entry)
+        else:
+            entry = self._new_vm_entry(record.pod_id)
+            self._set_pod(record.pod_id, "pending", vm_id=entry.vm_id, reason="")
+            try:
+                await self._boot(entry, pod.vcpu, pod.memory)
+            except Exception as e:
+                self._set_pod(record.pod_id, "failed", vm_id=None, reason=str(e), finished=time.time())
+                raise
+        for plan in plans:
+            self.state.update_container(plan.container_id, status="pending", exit_code=None)
+        sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(record.pod_id),
+                          entry.allocate_seq, lambda plan: self._container_exited(record.pod_id, plan))
+        self._sandboxes[record.pod_id] = sandbox
+        self._set_pod(record.pod_id, "pending", vm_id=entry.vm_id, reason="", started=time.time(), finished=None)
+        try:
+            await sandbox.start()
+        except Exception as e:
+            self.log.warn("{pod}: start failed: {e}", pod=record.pod_id, e=e)
+            self._sandboxes.pop(record.pod_id, None)
+            self._set_pod(record.pod_id, "failed", vm_id=None, reason=f"start failed: {e}", finished=time.time())
+            await self._stop_vm(entry)
+            raise
+        self._save_vm(entry)
+        for plan in plans:
+            self._save_container(plan)
+        if sandbox.finished:
+            await self._pod_finished(record.pod_id)
+        else:
+            self._set_pod(record.pod_id, "running")
+        return 0
+
+    def _save_container(self, plan: ContainerPlan) -> None:
+        self.state.update_container(plan.container_id, status=plan.status, exit_code=plan.exit_code,
+                                    record={"image": plan.spec.image, "stdio": plan.stdio, "stderr": plan.stderr})
+
+    def _container_exited(self, pod_id: str, plan: ContainerPlan) -> None:
+        self._save_container(plan)
+        for waiter in self._exit_waiters.pop(plan.container_id, []):
+            waiter.callback(plan.exit_code)
+        sandbox = self._sandboxes.get(pod_id)
+        if sandbox is not None and sandbox.finished and not self._lock(pod_id).locked:
+            defer.ensureDeferred(self._finish_locked(pod_id)).addErrback(
+                lambda f: self.log.failure("{pod}: finishing", f, pod=pod_id))
+
+    async def _finish_locked(self, pod_id: str) -> None:
+        async with _locked(self._lock(pod_id)):
+            sandbox = self._sandboxes.get(pod_id)
+            if sandbox is not None and sandbox.finished:
+                await self._pod_finished(pod_id)
+
+    async def _pod_finished(self, pod_id: str) -> None:
+        """Every container has exited: the pod succeeded (all 0) or failed, and its VM is released."""
+        sandbox = self._sandboxes.pop(pod_id)
+        ok = all(p.exit_code == 0 for p in sandbox.containers)
+        entry = self._vms.get(sandbox.vm.vm_id)
+        self._set_pod(pod_id, "succeeded" if ok else "failed", vm_id=None, finished=time.time(),
+                      reason="" if ok else "a container failed")
+        if entry is not None:
+            await self._stop_vm(entry)
 
     async def stop_pod(self, pod_id: str, stop_vm: bool = True) -> int:
         """Stop a pod; returns hyperd's Code (2: VM shut down, 4: pod stopped and VM left idle)."""
-        raise HyperError("not implemented yet: stop_pod")
+        await self._ready()
+        record = self._pod_record(pod_id)
+        async with _locked(self._lock(record.pod_id)):
+            return await self._stop_pod(record.pod_id, stop_vm)
+
+    async def _stop_pod(self, pod_id: str, stop_vm: bool) -> int:
+        sandbox = self._sandboxes.get(pod_id)
+        if sandbox is None:
+            raise Conflict(f"conflict: pod {pod_id} is not running")
+        await sandbox.stop(grace=STOP_GRACE)
+        self._sandboxes.pop(pod_id, None)
+        entry = self._vms.get(sandbox.vm.vm_id)
+        self._set_pod(pod_id, "failed", vm_id=None, reason="stopped", finished=time.time())
+        if entry is None:
+            return E_VM_SHUTDOWN
+        if stop_vm:
+            await self._stop_vm(entry)
+            return E_VM_SHUTDOWN
+        sandbox.cleanup_share()
+        entry.status, entry.pod_id = "idle", None
+        self._save_vm(entry)
+        return E_POD_STOPPED
 
     async def remove_pod(self, pod_id: str) -> None:
-        raise HyperError("not implemented yet: remove_pod")
+        await self._ready()
+        record = self._pod_record(pod_id)
+        async with _locked(self._lock(record.pod_id)):
+            if record.pod_id in self._sandboxes:
+                await self._stop_pod(record.pod_id, True)
+            self.state.delete_pod(record.pod_id)
+            shutil.rmtree(self._log_dir(record.pod_id), ignore_errors=True)
+        self._locks.pop(record.pod_id, None)
+
+    def _log_dir(self, pod_id: str) -> str:
+        return os.path.join(self.config.root, "logs", pod_id)
+
+    async def exit_code(self, container: str) -> int:
+        """Wait until the container has exited; its exit code (hyperd's GET /exitcode)."""
+        await self._ready()
+        row = self.state.find_container(container)
+        if row is None:
+            raise NotFound(f"no such container: {container}")
+        if row.status in ("succeeded", "failed") and row.exit_code is not None:
+            return row.exit_code
+        if row.pod_id not in self._sandboxes and row.status != "running":
+            raise Conflict(f"conflict: container {container} is not running")
+        d = defer.Deferred()
+        self._exit_waiters.setdefault(row.container_id, []).append(d)
+        return await d
