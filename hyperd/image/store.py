@@ -24,12 +24,13 @@ import shutil
 import tarfile
 import tempfile
 import threading
-from typing import BinaryIO, Iterable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import attrs
 
 from hyperd.errors import BadParameter, Conflict, NotFound
-from hyperd.image.reference import parse_reference
+from hyperd.image.reference import Reference, parse_reference
 from hyperd.image.unpack import apply_layer
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -41,6 +42,15 @@ INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
+
+
+@attrs.frozen
+class Removal:
+    """What ``ImageStore.remove`` did: the names it untagged, and whether it deleted the image."""
+
+    image: Image
+    untagged: tuple[str, ...]
+    deleted: bool
 
 
 @attrs.frozen
@@ -75,6 +85,56 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+class BlobWriter:
+    """One blob written in pieces into a temp file beside the blobs, hashed as it goes.
+
+    ``commit`` checks the digest and renames the file into place (atomic: a reader sees the whole blob or
+    none); ``abort`` (idempotent, harmless after ``commit``) removes the temp file. ``size`` lets a download
+    resume where it was cut off; ``reset`` starts over when the server cannot resume.
+    """
+
+    def __init__(self, store: ImageStore, digest: str | None) -> None:
+        self.store = store
+        self.digest = digest
+        fd, self.tmp = tempfile.mkstemp(dir=store.blobs_dir, prefix=".tmp-")
+        self._file = os.fdopen(fd, "wb")
+        self._hasher = hashlib.sha256()
+        self.size = 0
+        self.done = False
+
+    def write(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self._file.write(data)
+        self.size += len(data)
+
+    def reset(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._hasher = hashlib.sha256()
+        self.size = 0
+
+    def commit(self) -> str:
+        """Verify and put the blob in place; return its digest. A mismatch raises and keeps nothing."""
+        self._file.close()
+        actual = "sha256:" + self._hasher.hexdigest()
+        if self.digest is not None and actual != self.digest:
+            self.abort()
+            raise BadParameter(f"bad parameter: blob digest mismatch: expected {self.digest}, got {actual}")
+        os.rename(self.tmp, self.store.blob_path(actual))
+        self.done = True
+        return actual
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._file.close()
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
 class ImageStore:
     def __init__(self, root: str):
         self.root = root
@@ -82,6 +142,7 @@ class ImageStore:
         self.images_dir = os.path.join(root, "images")
         self.blobs_dir = os.path.join(self.oci_dir, "blobs", "sha256")
         self._lock = threading.Lock()
+        self._pinned: dict[str, int] = {}
         os.makedirs(self.blobs_dir, exist_ok=True)
         os.makedirs(self.images_dir, exist_ok=True)
         layout = os.path.join(self.oci_dir, "oci-layout")
@@ -155,55 +216,75 @@ class ImageStore:
 
     def write_blob(self, source: BinaryIO, digest: str | None = None) -> str:
         """Copy a blob in, verifying ``digest`` when given; return its digest. Nothing is kept on a mismatch."""
-        fd, tmp = tempfile.mkstemp(dir=self.blobs_dir, prefix=".tmp-")
-        hasher = hashlib.sha256()
+        writer = self.blob_writer(digest)
         try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := source.read(1024 * 1024):
-                    hasher.update(chunk)
-                    out.write(chunk)
-            actual = "sha256:" + hasher.hexdigest()
-            if digest is not None and actual != digest:
-                raise BadParameter(f"bad parameter: blob digest mismatch: expected {digest}, got {actual}")
-            os.rename(tmp, self.blob_path(actual))
-            return actual
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            while chunk := source.read(1024 * 1024):
+                writer.write(chunk)
+            return writer.commit()
+        finally:
+            writer.abort()
+
+    def blob_writer(self, digest: str | None = None) -> BlobWriter:
+        """A blob being written piece by piece (a download): verified and put in place by ``commit``."""
+        if digest is not None:
+            self.blob_path(digest)  # refuse an unsupported digest before writing anything
+        return BlobWriter(self, digest)
+
+    def clean_temporaries(self) -> None:
+        """Remove what writes cut off by a crash left behind (``.tmp-*`` blobs, ``.unpack-*`` dirs)."""
+        for directory, prefix in ((self.blobs_dir, ".tmp-"), (self.images_dir, ".unpack-")):
+            for entry in os.listdir(directory):
+                if entry.startswith(prefix):
+                    path = os.path.join(directory, entry)
+                    shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
 
     # -- adding images -----------------------------------------------------------------------------------------
 
-    def add(self, manifest: bytes, names: Iterable[str]) -> Image:
-        """Register a manifest whose config and layers are already blobs; unpack it; tag it with ``names``."""
-        manifest_digest = self.write_blob(io.BytesIO(manifest))
+    def add(self, manifest: bytes, names: Iterable[str],
+            on_layer: Callable[[str, str], None] | None = None) -> Image:
+        """Register a manifest whose config and layers are already blobs; unpack it; tag it with ``names``.
+
+        Names another image had move to this one; an image left with no name stays, untagged (Docker's
+        dangling image). ``on_layer(digest, phase)`` hears ``"extracting"`` and ``"done"`` for each layer.
+        """
         parsed = json.loads(manifest)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("config"), dict):
+            raise BadParameter("bad parameter: not an image manifest (no config)")
         for blob in [parsed["config"], *parsed.get("layers", ())]:
             if not self.has_blob(blob["digest"]):
                 raise BadParameter(f"bad parameter: the image lacks blob {blob['digest']}")
+        manifest_digest = self.write_blob(io.BytesIO(manifest))
         image = self._image(manifest_digest, ())
-        self._unpack(image, parsed)
-        canonical = [parse_reference(n).name for n in names]
+        self._unpack(image, parsed, on_layer)
+        canonical = list(dict.fromkeys(parse_reference(n).name for n in names))
         with self._lock:
             index = self._read_index()
-            kept = [
-                d for d in index["manifests"]
-                if (d.get("annotations") or {}).get(REF_ANNOTATION) not in canonical and d["digest"] != manifest_digest
-            ]
-            entries = [n for n in canonical] or [None]
-            for name in entries:
-                desc = {"mediaType": parsed.get("mediaType", MANIFEST_TYPES[0]), "digest": manifest_digest,
-                        "size": len(manifest)}
-                if name:
-                    desc["annotations"] = {REF_ANNOTATION: name}
-                kept.append(desc)
-            # Names that moved to this image leave their old one, which stays listed (untagged) if nothing else
-            # names it: as Docker's dangling images.
-            index["manifests"] = kept
+            manifests = index["manifests"]
+            moved_from = {d["digest"] for d in manifests if _ref_name(d) in canonical}
+            kept = [d for d in manifests if _ref_name(d) not in canonical]
+            desc = {"mediaType": parsed.get("mediaType", MANIFEST_TYPES[0]), "digest": manifest_digest,
+                    "size": len(manifest)}
+            for name in canonical:
+                kept.append(dict(desc, annotations={REF_ANNOTATION: name}))
+            if not any(d["digest"] == manifest_digest for d in kept):
+                kept.append(desc)  # no name: listed untagged
+            for digest in moved_from - {manifest_digest}:
+                if not any(d["digest"] == digest for d in kept):
+                    kept.append({"mediaType": desc["mediaType"], "digest": digest})  # now dangling
+            # one nameless entry per digest at most, and none beside named ones
+            named = {d["digest"] for d in kept if _ref_name(d)}
+            seen: set[str] = set()
+            index["manifests"] = []
+            for d in kept:
+                if not _ref_name(d) and (d["digest"] in named or d["digest"] in seen):
+                    continue
+                seen.add(d["digest"])
+                index["manifests"].append(d)
             self._write_index(index)
-        return self._image(manifest_digest, canonical)
+        return self._image(manifest_digest, [n for d in index["manifests"]
+                                             if d["digest"] == manifest_digest and (n := _ref_name(d))])
 
-    def _unpack(self, image: Image, manifest: dict) -> None:
+    def _unpack(self, image: Image, manifest: dict, on_layer: Callable[[str, str], None] | None = None) -> None:
         final = self.rootfs_dir(image.id)
         if os.path.isdir(final):
             return
@@ -212,10 +293,21 @@ class ImageStore:
             rootfs = os.path.join(work, "rootfs")
             os.mkdir(rootfs)
             for layer in manifest.get("layers", ()):
+                if "zstd" in layer.get("mediaType", ""):
+                    raise BadParameter(f"bad parameter: layer {layer['digest']}: zstd layers are not supported")
+                if on_layer:
+                    on_layer(layer["digest"], "extracting")
                 with open(self.blob_path(layer["digest"]), "rb") as f:
                     apply_layer(rootfs, f, layer["digest"][7:19])
+                if on_layer:
+                    on_layer(layer["digest"], "done")
             os.chmod(rootfs, 0o755)
-            os.rename(work, os.path.dirname(final))
+            try:
+                os.rename(work, os.path.dirname(final))
+            except OSError:
+                if not os.path.isdir(final):  # else another unpack of the same image won the race: fine
+                    raise
+                shutil.rmtree(work, ignore_errors=True)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -235,7 +327,9 @@ class ImageStore:
         if not manifests:
             raise BadParameter(f"bad parameter: the OCI layout {path} holds no image")
         for desc in manifests:
-            ref = name or (desc.get("annotations") or {}).get(REF_ANNOTATION)
+            annotations = desc.get("annotations") or {}
+            # containerd and docker save put the full name here, and only the tag in ref.name
+            ref = name or annotations.get("io.containerd.image.name") or annotations.get(REF_ANNOTATION)
             manifest = self._copy_manifest(path, desc)
             imported.append(self.add(manifest, [ref] if ref and ("/" in ref or ":" in ref or ref.isalnum())
                                      else []))
@@ -260,21 +354,63 @@ class ImageStore:
                 copy(blob["digest"])
         return data
 
-    def remove(self, ref: str, in_use: Iterable[str] = (), force: bool = False) -> Image:
-        """Untag/remove an image; refused while a container uses it unless forced. Unneeded blobs go too."""
+    def remove(self, ref: str, in_use: Iterable[str] = (), force: bool = False) -> Removal:
+        """Remove an image as ``docker rmi`` does; unneeded blobs go too.
+
+        A name of an image that has other names is only untagged. The last name, or an id, deletes the
+        image: refused while a container uses it (Conflict) unless ``force``, which then only untags it, since
+        a running VM still reads its rootfs (delete it by id once nothing uses it). An id naming an image
+        with several names is refused unless ``force``.
+        """
         image = self.lookup(ref)
-        if image.id in set(in_use) and not force:
-            raise Conflict(f"conflict: image {ref} is used by a container")
+        named = parse_reference_or_none(ref)
+        by_id = named is None or named.name not in image.names
+        used = image.id in set(in_use)
+        if by_id:
+            if len(image.names) > 1 and not force:
+                raise Conflict(f"conflict: unable to delete {ref} (must be forced): the image is referenced "
+                               f"by several names: {', '.join(image.names)}")
+            untag = list(image.names)
+        else:
+            untag = [parse_reference(ref).name]
+        delete = len(untag) == len(image.names)
+        if delete and used:
+            if not force:
+                raise Conflict(f"conflict: unable to remove image {ref}: it is used by a container")
+            delete = False
         with self._lock:
             index = self._read_index()
-            index["manifests"] = [d for d in index["manifests"] if d["digest"] != image.manifest_digest]
+            manifests = [d for d in index["manifests"]
+                         if not (d["digest"] == image.manifest_digest and _ref_name(d) in untag)]
+            if delete:
+                manifests = [d for d in manifests if d["digest"] != image.manifest_digest]
+            elif not any(d["digest"] == image.manifest_digest for d in manifests):
+                manifests.append({"mediaType": MANIFEST_TYPES[0], "digest": image.manifest_digest})
+            index["manifests"] = manifests
             self._write_index(index)
-            self._collect(index)
-        shutil.rmtree(os.path.dirname(self.rootfs_dir(image.id)), ignore_errors=True)
-        return image
+            if delete:
+                self._collect(index)
+        if delete:
+            shutil.rmtree(os.path.dirname(self.rootfs_dir(image.id)), ignore_errors=True)
+        return Removal(image, tuple(untag), delete)
+
+    def pin(self, digests: Iterable[str]) -> None:
+        """Keep these blobs from collection while a pull or load that will need them runs."""
+        with self._lock:
+            for digest in digests:
+                self._pinned[digest] = self._pinned.get(digest, 0) + 1
+
+    def unpin(self, digests: Iterable[str]) -> None:
+        with self._lock:
+            for digest in digests:
+                count = self._pinned.get(digest, 0) - 1
+                if count > 0:
+                    self._pinned[digest] = count
+                else:
+                    self._pinned.pop(digest, None)
 
     def _collect(self, index: dict) -> None:
-        needed = set()
+        needed = set(self._pinned)
         for desc in index["manifests"]:
             needed.add(desc["digest"])
             manifest = json.loads(self.read_blob(desc["digest"]))
@@ -283,6 +419,17 @@ class ImageStore:
         for entry in os.listdir(self.blobs_dir):
             if not entry.startswith(".") and "sha256:" + entry not in needed:
                 os.unlink(os.path.join(self.blobs_dir, entry))
+
+
+def _ref_name(desc: dict) -> str | None:
+    return (desc.get("annotations") or {}).get(REF_ANNOTATION)
+
+
+def parse_reference_or_none(text: str) -> Reference | None:
+    try:
+        return parse_reference(text)
+    except BadParameter:
+        return None
 
 
 def pick_platform(manifests: list[dict], os_name: str = "linux", arch: str = "amd64") -> dict:

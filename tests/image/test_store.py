@@ -131,11 +131,54 @@ def test_not_a_tar_is_a_bad_parameter(root):
 def test_remove_refuses_an_image_in_use_and_collects_blobs(root):
     store = ImageStore(root)
     image = add_single_layer_image(store, build_layer([entry("f", data=b"hello")]), {"config": {}}, ["t:1"])
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict, match="used by a container"):
         store.remove("t:1", in_use=[image.id])
-    store.remove("t:1", in_use=[image.id], force=True)
+    # Forced while in use: untagged only, since a running VM still reads the rootfs.
+    removal = store.remove("t:1", in_use=[image.id], force=True)
+    assert removal.untagged == ("docker.io/library/t:1",) and not removal.deleted
+    assert [i.names for i in store.images()] == [()]
+    assert os.path.isdir(store.rootfs_dir(image.id))
+    # Once unused, by id: gone with its blobs and rootfs.
+    assert store.remove(image.id[:12]).deleted
     assert store.images() == [] and os.listdir(store.blobs_dir) == []
     assert not os.path.exists(store.rootfs_dir(image.id))
+
+
+def test_names_move_and_untag_before_delete(root):
+    store = ImageStore(root)
+    one = add_single_layer_image(store, build_layer([entry("f", data=b"1")]), {"config": {}}, ["a:1", "b:1"])
+    assert store.lookup("a:1").names == ("docker.io/library/a:1", "docker.io/library/b:1")
+    # Re-adding with another name adds it; the old names stay.
+    add_single_layer_image(store, build_layer([entry("f", data=b"1")]), {"config": {}}, ["c:1"])
+    assert len(store.lookup("c:1").names) == 3
+    # A name that moves to a new image leaves the old one named by what is left.
+    two = add_single_layer_image(store, build_layer([entry("f", data=b"2")]), {"config": {}}, ["a:1"])
+    assert store.lookup("a:1").id == two.id and store.lookup("b:1").id == one.id
+    # An id with several names is refused unless forced; a name is only untagged.
+    with pytest.raises(Conflict, match="several names"):
+        store.remove(one.id)
+    assert store.remove("b:1").untagged == ("docker.io/library/b:1",)
+    assert store.lookup(one.id).names == ("docker.io/library/c:1",)
+    assert store.remove("c:1").deleted
+    with pytest.raises(NotFound):
+        store.lookup(one.id)
+    # The last name moving away leaves the old image dangling (listed, no name), as Docker does.
+    add_single_layer_image(store, build_layer([entry("f", data=b"3")]), {"config": {}}, ["a:1"])
+    assert sorted(len(i.names) for i in store.images()) == [0, 1]
+    assert store.remove(two.id).deleted
+
+
+def test_interrupted_writes_leave_nothing(root):
+    store = ImageStore(root)
+    writer = store.blob_writer("sha256:" + "1" * 64)
+    writer.write(b"half a blob")
+    writer.abort()
+    assert os.listdir(store.blobs_dir) == []
+    # what a crash leaves behind is cleaned when the store is opened by the service
+    open(os.path.join(store.blobs_dir, ".tmp-crash"), "wb").close()
+    os.mkdir(os.path.join(store.images_dir, ".unpack-crash"))
+    store.clean_temporaries()
+    assert os.listdir(store.blobs_dir) == [] and os.listdir(store.images_dir) == []
 
 
 def test_a_blob_with_the_wrong_digest_is_not_kept(root):
