@@ -75,11 +75,29 @@ class Options(usage.Options):
 
 
 def _fail(message: str) -> None:
-    """Say why we cannot start, on the real stderr (twistd may have redirected sys.stderr), and exit 1."""
+    """Say why we cannot start, on the real stderr and in the log, and exit 1.
+
+    twistd may have redirected sys.stderr into its log, and once it has daemonized the real stderr is
+    /dev/null: the log line is what an operator then finds in --logfile.
+    """
     stream = sys.__stderr__ or sys.stderr
     stream.write(f"hyperd: {message}\n")
     stream.flush()
+    if sys.stderr is not sys.__stderr__:
+        Logger(namespace="hyperd").critical("hyperd cannot start: {message}", message=message)
+    if _stderr_is_dev_null():
+        # Daemonized by twistd: its waiting parent only hears of an Exception (through its status pipe;
+        # a SystemExit would leave it waiting forever), and prints it for whoever started us.
+        raise StartupError(message) from None
     raise SystemExit(1)
+
+
+def _stderr_is_dev_null() -> bool:
+    try:
+        err, null = os.fstat(2), os.stat("/dev/null")
+    except OSError:
+        return False
+    return (err.st_dev, err.st_ino, err.st_rdev) == (null.st_dev, null.st_ino, null.st_rdev)
 
 
 def makeService(options: Options) -> HyperService:

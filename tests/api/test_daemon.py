@@ -222,3 +222,20 @@ def test_host_key_adds_a_tcp_listener(hyperd_factory):
         while chunk := s.recv(4096):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"OK")
+
+
+@pytest.mark.timeout(60)
+def test_a_second_daemonized_twistd_reports_the_refusal_to_its_caller(hyperd, hyperd_factory):
+    import subprocess
+
+    twin = hyperd_factory()
+    argv = [a for a in twin.argv() if a not in ("-n", "--pidfile=")]
+    argv[argv.index("--socket") + 1] = hyperd.socket_path
+    argv[1:1] = [f"--pidfile={twin.dir}/twistd.pid", f"--logfile={twin.log_path}"]
+    with open(twin.config, "w") as f:
+        f.write("")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1
+    assert "another hyperd" in out.stderr  # printed by twistd's waiting parent
+    assert "hyperd cannot start: another hyperd" in twin.log()
+    assert hyperd.request("GET", "/_ping")[2] == b"OK"
