@@ -30,7 +30,7 @@ from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
 from hyperd.image.builtin import ensure_busybox
 from hyperd.image.store import ImageStore
 from hyperd.pod.sandbox import ContainerPlan, Sandbox
-from hyperd.pod.spec import parse_pod
+from hyperd.pod.spec import container_document, parse_container, parse_pod
 from hyperd.state import StateStore
 from hyperd.vm import VM, VMConfig, VMGone, new_vm_id, probe_accel
 
@@ -258,8 +258,8 @@ class Daemon(Service):
 
     def _fail_pod_rows(self, pod_id: str, reason: str) -> None:
         for c in self.state.containers(pod_id):
-            if c.status in ("running", "pending"):
-                self.state.update_container(c.container_id, status="failed")
+            if c.status == "running":
+                self.state.update_container(c.container_id, status="failed", exit_code=137)
         if self.state.get_pod(pod_id) is not None:
             self._set_pod(pod_id, "failed", vm_id=None, reason=reason, finished=time.time())
 
@@ -268,11 +268,7 @@ class Daemon(Service):
         if record is None or record.status != "running":
             return
         pod = parse_pod(record.spec, pod_id=record.pod_id)
-        plans = []
-        for c, row in zip(pod.containers, self.state.containers(record.pod_id)):
-            plans.append(ContainerPlan(row.container_id, c, self.images.lookup(row.image),
-                                       row.record.get("stdio", 0), row.record.get("stderr", 0), row.status,
-                                       row.exit_code))
+        plans = self._plans(record.pod_id)
         sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(record.pod_id), entry.allocate_seq,
                           lambda plan: self._container_exited(record.pod_id, plan))
         self._sandboxes[record.pod_id] = sandbox
@@ -420,8 +416,9 @@ class Daemon(Service):
         if pod_id and sandbox is not None and entry.status != "stopping":
             for plan in sandbox.containers:
                 if plan.status in ("running", "pending"):
-                    plan.status = "failed"
-                    self.state.update_container(plan.container_id, status="failed")
+                    plan.status, plan.exit_code, plan.finished = "failed", 137, time.time()
+                    self._save_container(plan)
+                    self._wake_exit_waiters(plan.container_id, 137)
             self._set_pod(pod_id, "failed", vm_id=None, reason=f"the VM {entry.vm_id} died: {reason}",
                           finished=time.time())
 
@@ -436,8 +433,9 @@ class Daemon(Service):
             sandbox = self._sandboxes.pop(pod_id)
             for plan in sandbox.containers:
                 if plan.status == "running":
-                    plan.status, plan.exit_code = "failed", 137
-                    self.state.update_container(plan.container_id, status="failed", exit_code=137)
+                    plan.status, plan.exit_code, plan.finished = "failed", 137, time.time()
+                    self._save_container(plan)
+                    self._wake_exit_waiters(plan.container_id, 137)
             self._set_pod(pod_id, "failed", vm_id=None, reason=f"its VM {vm_id} was killed", finished=time.time())
         await self._stop_vm(entry)
 
@@ -477,7 +475,7 @@ class Daemon(Service):
             self.state.put_pod(pod.id, pod.id, pod.source, "pending")
             for c, image in zip(pod.containers, images):
                 self.state.put_container(new_container_id(), pod.id, c.name, image.id, "pending",
-                                         record={"image": c.image})
+                                         record={"spec": container_document(c)})
         return pod.id
 
     async def start_pod(self, pod_id: str, vm_id: str | None = None) -> int | None:
@@ -490,9 +488,7 @@ class Daemon(Service):
         if record.status == "running" or record.pod_id in self._sandboxes:
             raise Conflict(f"conflict: pod {record.pod_id} is running already")
         pod = parse_pod(record.spec, pod_id=record.pod_id)
-        plans = []
-        for c, row in zip(pod.containers, self.state.containers(record.pod_id)):
-            plans.append(ContainerPlan(row.container_id, c, self.images.lookup(row.image)))
+        plans = self._plans(record.pod_id, fresh=True)
         if vm_id:
             entry = self._vm_entry(vm_id)
             if entry.status != "idle" or entry.vm is None:
@@ -507,8 +503,6 @@ class Daemon(Service):
             except Exception as e:
                 self._set_pod(record.pod_id, "failed", vm_id=None, reason=str(e), finished=time.time())
                 raise
-        for plan in plans:
-            self.state.update_container(plan.container_id, status="pending", exit_code=None)
         sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(record.pod_id),
                           entry.allocate_seq, lambda plan: self._container_exited(record.pod_id, plan))
         self._sandboxes[record.pod_id] = sandbox
@@ -530,14 +524,35 @@ class Daemon(Service):
             self._set_pod(record.pod_id, "running")
         return 0
 
+    def _plans(self, pod_id: str, fresh: bool = False) -> list[ContainerPlan]:
+        """The pod's containers as the sandbox runs them, from their rows (``fresh``: as never run)."""
+        plans = []
+        for index, row in enumerate(self.state.containers(pod_id)):
+            spec = parse_container(row.record["spec"], pod_id, index)
+            image = self.images.lookup(row.image)
+            if fresh:
+                plans.append(ContainerPlan(row.container_id, spec, image))
+            else:
+                r = row.record
+                plans.append(ContainerPlan(row.container_id, spec, image, r.get("stdio", 0), r.get("stderr", 0),
+                                           row.status, row.exit_code, r.get("started"), r.get("finished")))
+        return plans
+
+    def _wake_exit_waiters(self, container_id: str, code: int | None) -> None:
+        for waiter in self._exit_waiters.pop(container_id, []):
+            if not waiter.called:  # a client that went away cancelled its wait
+                waiter.callback(code)
+
     def _save_container(self, plan: ContainerPlan) -> None:
-        self.state.update_container(plan.container_id, status=plan.status, exit_code=plan.exit_code,
-                                    record={"image": plan.spec.image, "stdio": plan.stdio, "stderr": plan.stderr})
+        self.state.update_container(plan.container_id, name=plan.spec.name, status=plan.status,
+                                    exit_code=plan.exit_code,
+                                    record={"spec": container_document(plan.spec), "stdio": plan.stdio,
+                                            "stderr": plan.stderr, "started": plan.started,
+                                            "finished": plan.finished})
 
     def _container_exited(self, pod_id: str, plan: ContainerPlan) -> None:
         self._save_container(plan)
-        for waiter in self._exit_waiters.pop(plan.container_id, []):
-            waiter.callback(plan.exit_code)
+        self._wake_exit_waiters(plan.container_id, plan.exit_code)
         sandbox = self._sandboxes.get(pod_id)
         if sandbox is not None and sandbox.finished and not self._lock(pod_id).locked:
             defer.ensureDeferred(self._finish_locked(pod_id)).addErrback(
@@ -554,10 +569,12 @@ class Daemon(Service):
         sandbox = self._sandboxes.pop(pod_id)
         ok = all(p.exit_code == 0 for p in sandbox.containers)
         entry = self._vms.get(sandbox.vm.vm_id)
-        self._set_pod(pod_id, "succeeded" if ok else "failed", vm_id=None, finished=time.time(),
-                      reason="" if ok else "a container failed")
-        if entry is not None:
-            await self._stop_vm(entry)
+        try:
+            if entry is not None:
+                await self._stop_vm(entry)
+        finally:
+            self._set_pod(pod_id, "succeeded" if ok else "failed", vm_id=None, finished=time.time(),
+                          reason="" if ok else "a container failed")
 
     async def stop_pod(self, pod_id: str, stop_vm: bool = True) -> int:
         """Stop a pod; returns hyperd's Code (2: VM shut down, 4: pod stopped and VM left idle)."""
@@ -605,8 +622,220 @@ class Daemon(Service):
             raise NotFound(f"no such container: {container}")
         if row.status in ("succeeded", "failed") and row.exit_code is not None:
             return row.exit_code
-        if row.pod_id not in self._sandboxes and row.status != "running":
-            raise Conflict(f"conflict: container {container} is not running")
+        # A pending container is waited for too: `hyperctl run` asks before the pod has started.
         d = defer.Deferred()
         self._exit_waiters.setdefault(row.container_id, []).append(d)
         return await d
+
+    # --- pod and container operations (the v1 routes) -------------------------------------------------
+
+    def pod_info(self, pod_id: str) -> dict[str, Any]:
+        """hyperd's PodInfo (reference/hyperd.md §1.4)."""
+        record = self._pod_record(pod_id)
+        pod = parse_pod(record.spec, pod_id=record.pod_id)
+        sandbox = self._sandboxes.get(record.pod_id)
+        plans = sandbox.containers if sandbox is not None else self._plans(record.pod_id)
+        return {
+            "podID": record.pod_id,
+            "podName": record.name,
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "vm": record.vm_id or "",
+            "createdAt": int(record.created),
+            "spec": {
+                "volumes": [{"name": v.name, "source": v.source, "driver": v.format} for v in pod.volumes],
+                "containers": [_container_json(p) for p in plans],
+                "labels": pod.labels,
+                "vcpu": pod.vcpu,
+                "memory": pod.memory,
+            },
+            "status": {
+                "phase": record.status.capitalize(),
+                "message": record.reason,
+                "reason": record.reason,
+                "hostIP": "",
+                "podIP": [],
+                "startTime": _rfc3339(record.started),
+                "finishTime": _rfc3339(record.finished),
+                "containerStatus": [_container_status(p) for p in plans],
+            },
+        }
+
+    def _container_plan(self, container: str) -> tuple[str, ContainerPlan]:
+        row = self.state.find_container(container)
+        if row is None:
+            raise NotFound(f"no such container: {container}")
+        sandbox = self._sandboxes.get(row.pod_id)
+        plans = sandbox.containers if sandbox is not None else self._plans(row.pod_id)
+        for plan in plans:
+            if plan.container_id == row.container_id:
+                return row.pod_id, plan
+        raise NotFound(f"no such container: {container}")
+
+    def container_info(self, container: str) -> dict[str, Any]:
+        pod_id, plan = self._container_plan(container)
+        row = self.state.get_container(plan.container_id)
+        return {"container": _container_json(plan), "createdAt": int(self.state.get_pod(pod_id).created),
+                "podID": pod_id, "status": _container_status(plan), "tty": plan.spec.tty,
+                "image": row.image}
+
+    async def kill_pod(self, pod_id: str, container: str | None = None, sig: int = 15) -> None:
+        """Send a signal to the pod's running containers (or to one of them)."""
+        await self._ready()
+        record = self._pod_record(pod_id)
+        sandbox = self._sandboxes.get(record.pod_id)
+        if sandbox is None:
+            raise Conflict(f"conflict: pod {record.pod_id} is not running")
+        plans = [p for p in sandbox.containers if p.status == "running"]
+        if container:
+            plans = [p for p in plans if container in (p.container_id, p.spec.name)]
+            if not plans:
+                raise NotFound(f"no such running container in pod {record.pod_id}: {container}")
+        for plan in plans:
+            await sandbox.signal(plan, sig)
+
+    async def pause_pod(self, pod_id: str) -> None:
+        await self._ready()
+        record = self._pod_record(pod_id)
+        async with _locked(self._lock(record.pod_id)):
+            sandbox = self._sandboxes.get(record.pod_id)
+            if sandbox is None or record.status != "running":
+                raise Conflict(f"conflict: pod {record.pod_id} is {record.status}, not running")
+            await sandbox.vm.pause()
+            self._set_pod(record.pod_id, "paused")
+
+    async def unpause_pod(self, pod_id: str) -> None:
+        await self._ready()
+        record = self._pod_record(pod_id)
+        async with _locked(self._lock(record.pod_id)):
+            sandbox = self._sandboxes.get(record.pod_id)
+            if sandbox is None or record.status != "paused":
+                raise Conflict(f"conflict: pod {record.pod_id} is {record.status}, not paused")
+            await sandbox.vm.resume()
+            self._set_pod(record.pod_id, "running")
+
+    async def create_container(self, pod_id: str, document: dict) -> str:
+        """Add a container to a pod; it starts with the pod, or with /container/start if the pod runs."""
+        await self._ready()
+        record = self._pod_record(pod_id)
+        async with _locked(self._lock(record.pod_id)):
+            index = len(self.state.containers(record.pod_id))
+            spec = parse_container(document, record.pod_id, index)
+            if self.state.find_container(spec.name):
+                raise Conflict(f"conflict: a container named {spec.name} exists already")
+            pod = parse_pod(record.spec, pod_id=record.pod_id)
+            names = {v.name for v in pod.volumes}
+            for j, v in enumerate(spec.volumes):
+                if v.detail is None and v.volume not in names:
+                    raise BadParameter(f"volumes[{j}].volume: no pod volume named {v.volume!r}")
+            files = {f.name for f in pod.files}
+            for j, f in enumerate(spec.files):
+                if f.detail is None and f.filename not in files:
+                    raise BadParameter(f"files[{j}].filename: no pod file named {f.filename!r}")
+            image = self.images.lookup(spec.image)
+            container_id = new_container_id()
+            self.state.put_container(container_id, record.pod_id, spec.name, image.id, "pending",
+                                     record={"spec": container_document(spec)})
+            sandbox = self._sandboxes.get(record.pod_id)
+            if sandbox is not None:
+                sandbox.add(ContainerPlan(container_id, spec, image))
+            return container_id
+
+    async def start_container(self, container: str) -> None:
+        await self._ready()
+        pod_id, plan = self._container_plan(container)
+        async with _locked(self._lock(pod_id)):
+            sandbox = self._sandboxes.get(pod_id)
+            if sandbox is None:
+                raise Conflict(f"conflict: the pod {pod_id} of container {container} is not running; start the pod")
+            if plan.status == "running":
+                raise Conflict(f"conflict: container {container} is running already")
+            if plan.status != "pending":
+                # hyperstart cannot restart an exited container: it is removed in the guest and started anew.
+                await sandbox.remove(plan)
+                plan.status = "pending"
+                sandbox.containers.append(plan)
+            await sandbox.start_container(plan)
+            self._save_container(plan)
+            if self.state.get_pod(pod_id).status != "running":
+                self._set_pod(pod_id, "running", finished=None)
+
+    async def stop_container(self, container: str, grace: float = STOP_GRACE) -> None:
+        await self._ready()
+        pod_id, plan = self._container_plan(container)
+        sandbox = self._sandboxes.get(pod_id)
+        if sandbox is None or plan.status != "running":
+            raise Conflict(f"conflict: container {container} is not running")
+        await sandbox.stop_containers([plan], grace)
+
+    async def kill_container(self, container: str, sig: int = 15) -> None:
+        await self._ready()
+        pod_id, plan = self._container_plan(container)
+        sandbox = self._sandboxes.get(pod_id)
+        if sandbox is None or plan.status != "running":
+            raise Conflict(f"conflict: container {container} is not running")
+        await sandbox.signal(plan, sig)
+
+    async def remove_container(self, container: str) -> None:
+        await self._ready()
+        pod_id, plan = self._container_plan(container)
+        async with _locked(self._lock(pod_id)):
+            sandbox = self._sandboxes.get(pod_id)
+            if plan.status == "running":
+                raise Conflict(f"conflict: container {container} is running; stop it first")
+            if sandbox is not None and plan in sandbox.containers:
+                try:
+                    await sandbox.remove(plan)
+                except Exception as e:
+                    self.log.info("remove {c}: {e}", c=container, e=e)
+            self.state.delete_container(plan.container_id)
+
+    async def rename_container(self, old: str, new: str) -> None:
+        await self._ready()
+        if not new or not all(ch.isalnum() or ch in "_.-" for ch in new):
+            raise BadParameter(f"bad parameter: invalid container name {new!r}")
+        pod_id, plan = self._container_plan(old)
+        if self.state.find_container(new):
+            raise Conflict(f"conflict: a container named {new} exists already")
+        plan.spec = attrs.evolve(plan.spec, name=new)
+        self.state.update_container(plan.container_id, name=new)
+        self._save_container(plan)
+
+
+def _rfc3339(ts: float | None) -> str:
+    if not ts:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _container_json(plan: ContainerPlan) -> dict[str, Any]:
+    c = plan.spec
+    return {
+        "name": c.name,
+        "containerID": plan.container_id,
+        "image": c.image,
+        "imageID": plan.image.id,
+        "commands": list(c.entrypoint),
+        "args": list(c.command),
+        "workingDir": c.workdir,
+        "tty": c.tty,
+        "env": [{"env": e.env, "value": e.value} for e in c.envs],
+        "volumeMounts": [{"name": v.volume, "mountPath": v.path, "readOnly": v.read_only} for v in c.volumes],
+        "labels": c.labels,
+        "ports": [],
+        "user": c.user.name,
+    }
+
+
+def _container_status(plan: ContainerPlan) -> dict[str, Any]:
+    status: dict[str, Any] = {"name": plan.spec.name, "containerID": plan.container_id, "phase": plan.status,
+                              "waiting": {}, "running": {}, "terminated": {}}
+    if plan.status == "pending":
+        status["waiting"] = {"reason": "created"}
+    elif plan.status == "running":
+        status["running"] = {"startedAt": _rfc3339(plan.started)}
+    else:
+        status["terminated"] = {"exitCode": plan.exit_code if plan.exit_code is not None else -1,
+                                "reason": "Completed" if plan.exit_code == 0 else "Error", "message": "",
+                                "startedAt": _rfc3339(plan.started), "finishedAt": _rfc3339(plan.finished)}
+    return status

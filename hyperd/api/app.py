@@ -187,3 +187,7 @@ class HyperAPI:
         pod_id = arg(request, "podId", required=True)
         code = await self.daemon.remove_pod(pod_id)
         return json_reply(request, result(pod_id, code))
+
+
+# Route modules register on HyperAPI.app when imported.
+from hyperd.api import pods  # noqa: E402,F401

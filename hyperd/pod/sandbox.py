@@ -39,6 +39,8 @@ class ContainerPlan:
     stderr: int = 0
     status: str = "pending"
     exit_code: int | None = None
+    started: float | None = None
+    finished: float | None = None
 
 
 def rfc3339(ts: float) -> str:
@@ -130,7 +132,8 @@ class Sandbox:
         self.prepare_share()
         await self.vm.agent.request_json(codec.STARTPOD, payloads.startpod_payload(self.pod))
         for plan in self.containers:
-            await self.start_container(plan)
+            if plan.status == "pending":
+                await self.start_container(plan)
 
     async def start_container(self, plan: ContainerPlan) -> None:
         plan.stdio = plan.stdio or self._allocate_seq()
@@ -138,8 +141,29 @@ class Sandbox:
         payload = payloads.newcontainer_payload(plan.container_id, plan.spec, plan.image, self.pod,
                                                 plan.stdio, plan.stderr)
         self._watch(plan)
-        await self.vm.agent.request_json(codec.NEWCONTAINER, payload)
-        plan.status = "running"
+        plan.status, plan.started, plan.finished, plan.exit_code = "running", time.time(), None, None
+        try:
+            await self.vm.agent.request_json(codec.NEWCONTAINER, payload)
+        except BaseException:
+            plan.status = "failed"
+            self._exited.pop(plan.container_id, None)
+            self.vm.exits.forget(plan.container_id, "init")
+            self.vm.streams.detach(plan.stdio)
+            self.vm.streams.detach(plan.stderr)
+            raise
+
+    def add(self, plan: ContainerPlan) -> None:
+        """A container added to the running pod (POST /container/create); started by start_container."""
+        self.containers.append(plan)
+        self.prepare_share()
+
+    async def signal(self, plan: ContainerPlan, sig: int) -> None:
+        await self.vm.agent.request_json(codec.KILLCONTAINER, {"container": plan.container_id, "signal": int(sig)})
+
+    async def remove(self, plan: ContainerPlan) -> None:
+        """Forget a container that has exited, in the guest too."""
+        await self.vm.agent.request_json(codec.REMOVECONTAINER, {"container": plan.container_id})
+        self.containers.remove(plan)
 
     def adopt(self) -> None:
         """After a daemon restart: listen again for the output and exits of the containers still running."""
@@ -162,6 +186,7 @@ class Sandbox:
         self.vm.streams.detach(plan.stderr)
         plan.exit_code = status
         plan.status = "succeeded" if status == 0 else "failed"
+        plan.finished = time.time()
         log.info("{pod}: container {name} exited with {status}", pod=self.pod.id, name=plan.spec.name,
                  status=status)
         self._on_exit(plan)
@@ -171,19 +196,27 @@ class Sandbox:
         return all(p.status in ("succeeded", "failed") for p in self.containers)
 
     async def stop(self, grace: float = 5.0) -> None:
-        """TERM every running container, KILL what is left after ``grace``, then remove them in the guest."""
-        running = [p for p in self.containers if p.status == "running"]
+        """Stop every container, then remove them all in the guest."""
+        await self.stop_containers(self.containers, grace)
+        for plan in self.containers:
+            try:
+                await self.vm.agent.request_json(codec.REMOVECONTAINER, {"container": plan.container_id})
+            except Exception as e:
+                log.info("{pod}: remove {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
+
+    async def stop_containers(self, plans: list[ContainerPlan], grace: float = 5.0) -> None:
+        """TERM the running ones of ``plans``, KILL what is left after ``grace``; each ends with an exit."""
+        running = [p for p in plans if p.status == "running"]
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if not running:
                 break
             for plan in running:
                 try:
-                    await self.vm.agent.request_json(codec.KILLCONTAINER,
-                                                     {"container": plan.container_id, "signal": int(sig)})
+                    await self.signal(plan, sig)
                 except Exception as e:
                     log.info("{pod}: kill {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
-            waits = [self._exited[p.container_id] for p in running if p.container_id in self._exited]
-            done = defer.DeferredList([_observe(d) for d in waits], consumeErrors=True)
+            waits = [_observe(self._exited[p.container_id]) for p in running if p.container_id in self._exited]
+            done = defer.DeferredList(waits, consumeErrors=True)
             timeout = self._reactor.callLater(grace, lambda: done.called or done.cancel())
             try:
                 await done
@@ -192,18 +225,12 @@ class Sandbox:
             if timeout.active():
                 timeout.cancel()
             running = [p for p in running if p.status == "running"]
-        for plan in self.containers:
-            try:
-                await self.vm.agent.request_json(codec.REMOVECONTAINER, {"container": plan.container_id})
-            except Exception as e:
-                log.info("{pod}: remove {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
-        # The stop is over: what did not report an exit is counted as killed (Docker's 137).
+        # What did not report an exit even after SIGKILL is counted as killed (Docker's 137).
         for plan in running:
-            if plan.status == "running":
-                self._exited.pop(plan.container_id, None)
-                self.vm.exits.forget(plan.container_id, "init")
-                plan.exit_code, plan.status = 128 + signal.SIGKILL, "failed"
-                self._on_exit(plan)
+            self._exited.pop(plan.container_id, None)
+            self.vm.exits.forget(plan.container_id, "init")
+            plan.exit_code, plan.status, plan.finished = 128 + signal.SIGKILL, "failed", time.time()
+            self._on_exit(plan)
 
     def cleanup_share(self) -> None:
         """Forget this pod's files in the share, so the VM can serve the next pod clean."""

@@ -503,3 +503,40 @@ def parse_pod(document: dict | str | bytes, pod_id: str = "") -> UserPod:
 def parse_container(document: dict, pod_id: str, index: int) -> UserContainer:
     """One UserContainer on its own (``POST /container/create`` adds it to an existing pod)."""
     return _container(_Fields(document, ""), pod_id, index, False)
+
+
+def _drop_empty(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v not in (None, "", (), [], {})}
+
+
+def container_document(c: UserContainer) -> dict:
+    """A UserContainer back as hyperd's JSON, which ``parse_container`` reads back to an equal value."""
+
+    def file_detail(f: UserFile | None):
+        return _drop_empty({"name": f.name, "encoding": f.encoding, "uri": f.uri, "content": f.content}) if f else None
+
+    def volume_detail(v: UserVolume | None):
+        return _drop_empty({"name": v.name, "source": v.source, "format": v.format, "fstype": v.fstype,
+                            "cache": v.cache}) if v else None
+
+    return _drop_empty({
+        "name": c.name,
+        "image": c.image,
+        "command": list(c.command),
+        "entrypoint": list(c.entrypoint),
+        "workdir": c.workdir,
+        "envs": [{"env": e.env, "value": e.value} for e in c.envs],
+        "tty": c.tty or None,
+        "volumes": [_drop_empty({"volume": v.volume, "path": v.path, "readOnly": v.read_only or None,
+                                 "detail": volume_detail(v.detail)}) for v in c.volumes],
+        "files": [_drop_empty({"filename": f.filename, "path": f.path, "perm": "%04o" % f.perm, "user": f.user,
+                               "group": f.group, "detail": file_detail(f.detail)}) for f in c.files],
+        "user": _drop_empty({"name": c.user.name, "group": c.user.group,
+                             "additionalGroups": list(c.user.additional_groups)}),
+        "sysctl": c.sysctl,
+        "labels": c.labels,
+        "restartPolicy": c.restart_policy if c.restart_policy != "never" else None,
+        "ulimits": [{"name": u.name, "hard": u.hard, "soft": u.soft} for u in c.ulimits],
+        "stopSignal": c.stop_signal,
+        "readOnly": c.read_only or None,
+    })

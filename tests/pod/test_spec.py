@@ -127,3 +127,10 @@ def test_any_casing_of_any_key_parses_the_same(seed):
             return [recase(v) for v in value]
         return value
     assert parse_pod(recase(FULL)) == parse_pod(FULL)
+
+
+def test_a_container_round_trips_through_its_document():
+    from hyperd.pod.spec import container_document, parse_container
+
+    for c in parse_pod(FULL).containers + parse_pod({"id": "x", "containers": [{"image": "busybox"}]}).containers:
+        assert parse_container(container_document(c), "web", 0) == c
