@@ -70,7 +70,7 @@ class Registry:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"docker-registry did not start on {self.host}")
+                    raise RuntimeError(f"docker-registry did not start on {self.host}") from None
                 time.sleep(0.05)
 
     def push(self, layout: str, tag: str, dest: str, format: str | None = None) -> None:

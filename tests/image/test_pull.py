@@ -159,7 +159,8 @@ async def test_a_blob_whose_digest_does_not_match_is_refused(registry, service, 
     layout, desc = _image(workdir, "corrupt", [{"data": os.urandom(4096)}])
     registry.push(layout, "latest", "test/corrupt:latest")
     manifest = registry.manifest("test/corrupt:latest")
-    with open(registry.blob_data_path(manifest["layers"][0]["digest"]), "r+b") as f:  # same length, other bytes: the registry serves it as it is
+    # same length, other bytes: the registry serves it as it is
+    with open(registry.blob_data_path(manifest["layers"][0]["digest"]), "r+b") as f:
         f.seek(100)
         f.write(b"X" * 16)
     with pytest.raises(RegistryError, match="digest mismatch"):
