@@ -1,0 +1,142 @@
+"""Benchmark: pod start through a real hyperd, against a bare qemu boot of the same guest, in one run.
+
+- bare: qemu spawned by hand on the same kernel, initrd and devices, until the agent's READY (bench/vm_boot.py);
+- cold: ``POST /pod/create`` + ``POST /pod/start`` (a new VM) until ``GET /exitcode`` of a busybox ``true``
+  answers, i.e. the container has run and exited;
+- warm: the same into an idle VM from ``POST /vm/create`` (``vmId=``), which does not boot.
+
+Runs interleave so each kind sees the same machine. Prints medians and the ratios cold/bare and warm/cold.
+
+    .venv/bin/python bench/pod_start.py [-n 5]
+
+Goals: cold / bare <= 1.15; warm <= 10 % of cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+from vm_boot import bare_boot  # noqa: E402
+
+from hyperd.guest.initrd import build_guest, kernel_cmdline  # noqa: E402
+from hyperd.vm import qemu  # noqa: E402
+
+
+def call(sock_path: str, method: str, path: str, params: dict | None = None, body: dict | None = None):
+    target = path + ("?" + urllib.parse.urlencode(params) if params else "")
+    data = json.dumps(body).encode() if body is not None else b""
+    head = (f"{method} {target} HTTP/1.1\r\nHost: hyperd\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock_path)
+    s.sendall(head + data)
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    s.close()
+    status_line, _, rest = b"".join(chunks).partition(b"\r\n")
+    status = int(status_line.split()[1])
+    payload = rest.partition(b"\r\n\r\n")[2]
+    if status >= 300:
+        raise RuntimeError(f"{method} {path}: {status} {payload.decode(errors='replace')}")
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return payload.decode()
+
+
+def pod_run(sock_path: str, name: str, vm_id: str | None = None) -> float:
+    t0 = time.monotonic()
+    call(sock_path, "POST", "/pod/create", body={"id": name, "containers": [{"image": "busybox",
+                                                                               "command": ["true"]}]})
+    call(sock_path, "POST", "/pod/start", {"podId": name, **({"vmId": vm_id} if vm_id else {})})
+    code = call(sock_path, "GET", "/exitcode", {"container": f"{name}-busybox-0"})
+    elapsed = time.monotonic() - t0
+    assert code == 0, code
+    return elapsed
+
+
+def main(n: int) -> None:
+    work = tempfile.mkdtemp(prefix="hdb", dir="/tmp")
+    daemon = None
+    try:
+        guest = build_guest(os.path.join(work, "guest"))
+        sock_path = os.path.join(work, "h.sock")
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        log = open(os.path.join(work, "daemon.log"), "wb")
+        daemon = subprocess.Popen([twistd, "-n", "--pidfile=", "hyperd", "--socket", sock_path, "--root",
+                                   os.path.join(work, "root"), "--run-dir", os.path.join(work, "run"),
+                                   "--accel", "tcg", "--kernel", guest.kernel, "--initrd", guest.initrd],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                call(sock_path, "GET", "/_ping")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("hyperd did not start")
+                time.sleep(0.05)
+        append = kernel_cmdline()
+        bare_dir = os.path.join(work, "bare")
+        os.makedirs(bare_dir)
+
+        def bare() -> float:
+            config = qemu.VMConfig.create(run_dir=bare_dir, kernel=guest.kernel, initrd=guest.initrd,
+                                          append=append, cpu=1, mem=128, accel="tcg",
+                                          images_dir=os.path.join(work, "root", "images"))
+            return bare_boot(config)[0]
+
+        def cold(i: int) -> float:
+            return pod_run(sock_path, f"cold{i}")
+
+        def warm(i: int) -> float:
+            vm_id = call(sock_path, "POST", "/vm/create")["ID"]
+            return pod_run(sock_path, f"warm{i}", vm_id)
+
+        pod_run(sock_path, "warmup")  # page cache, image store
+        bare()
+        results: dict[str, list[float]] = {"bare": [], "cold": [], "warm": []}
+        for i in range(n):
+            for kind in (("bare", "cold", "warm") if i % 2 == 0 else ("warm", "cold", "bare")):
+                t = {"bare": bare, "cold": lambda: cold(i), "warm": lambda: warm(i)}[kind]()
+                results[kind].append(t)
+                print(f"  run {i + 1} {kind:4} {t:.3f} s", flush=True)
+                time.sleep(0.3)
+        m = {k: statistics.median(v) for k, v in results.items()}
+        print()
+        for kind, label in (("bare", "bare qemu spawn->READY"), ("cold", "cold pod create+start->exit"),
+                            ("warm", "warm pod (idle VM)->exit")):
+            print(f"{label:30} median {m[kind]:.3f} s  [{' '.join('%.2f' % v for v in results[kind])}]")
+        print(f"cold / bare  {m['cold'] / m['bare']:.3f}  (goal <= 1.15: "
+              f"{'met' if m['cold'] / m['bare'] <= 1.15 else 'NOT met'})")
+        print(f"warm / cold  {m['warm'] / m['cold']:.3f}  (goal <= 0.10: "
+              f"{'met' if m['warm'] / m['cold'] <= 0.10 else 'NOT met'})")
+    finally:
+        if daemon is not None:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+        # VMs outlive the daemon by design: kill what this run left.
+        subprocess.run(["pkill", "-9", "-f", work], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=5, help="runs of each kind (default 5)")
+    main(parser.parse_args().n)
