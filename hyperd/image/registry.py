@@ -157,8 +157,8 @@ class RegistryClient:
         self._pool.maxPersistentPerHost = 8
         self._pool.retryAutomatically = False
         self._http = HTTPClient(Agent(reactor, pool=self._pool, connectTimeout=timeout))
-        # (registry, repository) -> Authorization header value
-        self._authorization: dict[tuple[str, str], bytes] = {}
+        # (registry, repository, credentials) -> Authorization header value
+        self._authorization: dict[tuple[str, str, Credentials | None], bytes] = {}
         self._run_in_thread = run_in_thread
 
     async def close(self) -> None:
@@ -191,7 +191,8 @@ class RegistryClient:
         url = f"{self.base_url(ref.registry)}/v2/{ref.repository}/{path}"
         headers = dict(headers or {})
         headers.setdefault("User-Agent", [f"hyperd/{__version__}".encode()])
-        key = (ref.registry, ref.repository)
+        # per credentials too: a token got with one user's password must not serve a pull without it
+        key = (ref.registry, ref.repository, credentials)
         for attempt in range(2):
             sent = dict(headers)
             if key in self._authorization:
