@@ -98,7 +98,6 @@ def images_get(self: HyperAPI, request: IRequest) -> bytes:
 
 
 @app.route("/image", methods=["DELETE"])
-@app.route("/images/remove", methods=["POST"])
 async def image_remove(self: HyperAPI, request: IRequest) -> bytes:
     ref = arg(request, "imageId", "image", "name", required=True)
     force = bool_arg(request, "force", default=False)
