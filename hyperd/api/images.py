@@ -58,10 +58,14 @@ class ProgressStream:
         self.write({"error": message, "errorDetail": {"message": message}})
 
 
-def _service(api: HyperAPI) -> Any:
+async def _service(api: HyperAPI) -> Any:
+    """The daemon's ImageService, once the daemon has started (it adds the built-in image then)."""
     service = getattr(api.daemon, "image_service", None)
     if service is None:
         raise HyperError("images are not available: the daemon has no image service")
+    ready = getattr(api.daemon, "ready", None) or getattr(api.daemon, "_ready", None)
+    if ready is not None:
+        await ready()
     return service
 
 
@@ -75,7 +79,7 @@ async def image_create(self: HyperAPI, request: IRequest) -> bytes:
         raise BadParameter("bad parameter: imageName is required")
     tag = arg(request, "tag")
     auth = parse_registry_auth(request.getHeader(b"x-registry-auth"))
-    service = _service(self)
+    service = await _service(self)
     service.reference(name, tag)  # a malformed name is a 400 before anything is sent
     stream = ProgressStream(request)
     try:
@@ -93,15 +97,17 @@ async def image_create(self: HyperAPI, request: IRequest) -> bytes:
 
 
 @app.route("/images/get", methods=["GET"])
-def images_get(self: HyperAPI, request: IRequest) -> bytes:
-    return json_reply(request, {"imagesList": _service(self).list(bool_arg(request, "all", default=False))})
+async def images_get(self: HyperAPI, request: IRequest) -> bytes:
+    service = await _service(self)
+    return json_reply(request, {"imagesList": service.list(bool_arg(request, "all", default=False))})
 
 
 @app.route("/image", methods=["DELETE"])
 async def image_remove(self: HyperAPI, request: IRequest) -> bytes:
     ref = arg(request, "imageId", "image", "name", required=True)
     force = bool_arg(request, "force", default=False)
-    removed = await _service(self).remove(ref, force)
+    service = await _service(self)
+    removed = await service.remove(ref, force)
     return json_reply(request, {"imagesList": removed})
 
 
@@ -111,7 +117,8 @@ async def image_load(self: HyperAPI, request: IRequest) -> bytes:
     body = request.content
     if body is None or body.seek(0, os.SEEK_END) == 0:
         raise BadParameter("bad parameter: the body must be an image archive (docker save or OCI layout tar)")
-    images = await _service(self).load(body)
+    service = await _service(self)
+    images = await service.load(body)
     lines = []
     for image in images:
         names = [parse_reference(n).short for n in image.names] or [f"sha256:{image.id}"]
@@ -133,7 +140,8 @@ async def images_save(self: HyperAPI, request: IRequest) -> bytes:
     fmt = arg(request, "format", default="oci")
     if fmt not in ("oci", "docker"):
         raise BadParameter(f"bad parameter: format must be oci, got {fmt!r}")
-    path = await _service(self).save(names)
+    service = await _service(self)
+    path = await service.save(names)
     f = open(path, "rb")  # noqa: SIM115 - closed when sent, below
     try:
         os.unlink(path)  # the open file lives on; nothing is left behind whatever happens

@@ -113,6 +113,8 @@ class ImageService:
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="hyperd-image")
         self._pool.start()
         self._closed = False
+        # if nobody calls close(), the reactor's shutdown still stops the threads (else they block the exit)
+        self._shutdown_trigger = reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
         self.registry = registry or RegistryClient(reactor, insecure_registries, run_in_thread=self.in_thread)
         # digest -> Deferreds of the pulls waiting for the download in progress
         self._downloads: dict[str, list[defer.Deferred]] = {}
@@ -132,8 +134,13 @@ class ImageService:
         if self._closed:
             return
         self._closed = True
+        self.reactor.removeSystemEventTrigger(self._shutdown_trigger)
         await self.registry.close()
-        self._pool.stop()
+        self._stop_pool()
+
+    def _stop_pool(self) -> None:
+        if self._pool.started:
+            self._pool.stop()
 
     # --- list ------------------------------------------------------------------------------------------
 
