@@ -220,6 +220,9 @@ class _CuttingProxy(portforward.ProxyServer):
     def write_down(self, data):
         if self.limit is not None and self.sent + len(data) > self.limit:
             self.transport.write(data[: self.limit - self.sent])
+            if self.factory.stall:  # swallow the rest: the connection stays open, silent
+                self.sent = self.limit
+                return
             self.transport.abortConnection()
             if self.peer is not None:
                 self.peer.transport.abortConnection()
@@ -241,8 +244,9 @@ class _CuttingClientFactory(portforward.ProxyClientFactory):
 class _CuttingProxyFactory(protocol.Factory):
     protocol = _CuttingProxy
 
-    def __init__(self, host, port, cut_at, cuts):
+    def __init__(self, host, port, cut_at, cuts, stall=False):
         self.host, self.port, self.cut_at, self.cuts, self.connections = host, port, cut_at, cuts, 0
+        self.stall = stall
 
 
 _CuttingProxy.clientProtocolFactory = _CuttingClientFactory
@@ -252,8 +256,8 @@ _CuttingProxy.clientProtocolFactory = _CuttingClientFactory
 def cutting_proxy(registry):
     factories = []
 
-    def make(cut_at: int, cuts: int = 1):
-        factory = _CuttingProxyFactory("127.0.0.1", registry.port, cut_at, cuts)
+    def make(cut_at: int, cuts: int = 1, stall: bool = False):
+        factory = _CuttingProxyFactory("127.0.0.1", registry.port, cut_at, cuts, stall)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         factories.append(port)
         return factory, f"127.0.0.1:{port.getHost().port}"
@@ -305,6 +309,23 @@ async def test_a_download_cut_off_is_resumed_within_the_pull(registry, workdir, 
         layer = registry.manifest("test/resume:latest")["layers"][0]
         resumed = [line for line in registry.log_lines(f"test/resume/blobs/{layer['digest']} ") if '" 206 ' in line]
         assert resumed, "the retry did not resume with a Range request"
+    finally:
+        await svc.close()
+
+
+@pytest.mark.timeout(90)
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_download_is_cut_and_resumed(registry, workdir, cutting_proxy):
+    layout, _ = _image(workdir, "stall", [{"big": random.randbytes(2 * 1024 * 1024)}], compress=False)
+    registry.push(layout, "latest", "test/stall:latest")
+    factory, host = cutting_proxy(cut_at=1024 * 1024, cuts=1, stall=True)
+    store = ImageStore(os.path.join(workdir, "root"))
+    svc = ImageService(reactor, store)
+    svc.registry.backoff, svc.registry.stall_timeout = 0.05, 0.5
+    try:
+        image = await svc.pull(f"{host}/test/stall")
+        assert os.path.getsize(os.path.join(store.rootfs_dir(image.id), "big")) == 2 * 1024 * 1024
+        assert factory.connections >= 2
     finally:
         await svc.close()
 
