@@ -254,7 +254,8 @@ class Agent:
             poller.poll(50)
             self.ctl.flush()
 
-    def run_once(self) -> None:
+    def run_once(self, max_wait=None) -> None:
+        """One poll and the work it found; ``max_wait`` (seconds) bounds the wait (tests)."""
         now = self.clock()
         poller = select.poll()
         registered = {}
@@ -282,6 +283,8 @@ class Agent:
             timeout = _min(timeout, self.partial_since + PARTIAL_FRAME_TIMEOUT - now)
         if self.deferred:
             timeout = 0
+        if max_wait is not None:
+            timeout = _min(timeout, max_wait)
         for fd, events in registered.items():
             poller.register(fd, events)
         ms = None if timeout is None else max(0, int(timeout * 1000) + 1)
