@@ -28,7 +28,7 @@ setup(
     ],
     package_data={"twisted": ["plugins/hyperd_plugin.py"]},
     install_requires=[
-        "twisted>=24.7,<27",
+        "twisted[tls]>=24.7,<27",
         "klein>=24.8,<25",
         "treq>=24.9,<27",
         "zope.interface>=6,<9",

@@ -54,6 +54,7 @@ class Config:
     host: str | None = None  # an extra listener, hyperd's Host=tcp://ip:port
     stop_vms_on_exit: bool = False  # False: VMs outlive the daemon and are picked up again
     pod_log_prefix: str = "/var/run/hyper/Pods"
+    insecure_registries: tuple[str, ...] = ()  # registries pulled from over plain HTTP (host or host:port)
     warnings: tuple[str, ...] = ()  # unknown keys and ignored settings, for the log
 
     @property
@@ -165,6 +166,16 @@ def _endpoint(value: str) -> str:
     return socket_endpoint(v)
 
 
+def _registries(value: str) -> tuple[str, ...]:
+    """``InsecureRegistries=a:5000, b`` → ("a:5000", "b"): hosts or host:port, comma or space separated."""
+    items = tuple(v for v in value.replace(",", " ").split() if v)
+    for item in items:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+        if not host or "/" in item or (port and not port.isdigit()):
+            raise ValueError(f"{item!r} is not a host or host:port")
+    return items
+
+
 #: INI key (lower-cased) -> (Config field, parser). ``None`` as field: known to hyperd, ignored by us.
 _KEYS: dict[str, tuple[str | None, Any]] = {
     "root": ("root", _abspath),
@@ -183,6 +194,7 @@ _KEYS: dict[str, tuple[str | None, Any]] = {
     "socketgroup": ("socket_group", _group),
     "network": ("network", _choice(NETWORKS)),
     "stopvmsonexit": ("stop_vms_on_exit", parse_bool),
+    "insecureregistries": ("insecure_registries", _registries),
     # hyperd's, accepted and ignored
     "bios": (None, str),
     "cbfs": (None, str),

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(qemu-system-x86 busybox-static linux-image-amd64 python3 python3-venv python3-pip
-              docker-registry skopeo curl iproute2 iptables ca-certificates)
+              docker-registry skopeo apache2-utils curl iproute2 iptables ca-certificates)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
