@@ -18,6 +18,7 @@ import time
 from _collections import deque
 
 from hyperd.agent import codec
+from hyperd.guest import jsonc
 
 #: A partial control frame that gets no more bytes for this long is dropped with an ERROR, so that a
 #: truncated frame cannot swallow the next command.
@@ -59,10 +60,8 @@ def describe_exception(exc: BaseException) -> str:
 
 
 def decode_json(payload: bytes):
-    import json  # late: json pulls in re and enum, too slow to import before READY (preloaded when idle)
-
     try:
-        value = json.loads(payload.decode("utf-8"))
+        value = jsonc.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise CommandError("malformed JSON payload: %s" % e)
     if not isinstance(value, dict):
@@ -71,9 +70,7 @@ def decode_json(payload: bytes):
 
 
 def encode_json(value) -> bytes:
-    import json
-
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+    return jsonc.dumps(value).encode("ascii")
 
 
 class Port:

@@ -101,9 +101,8 @@ def main() -> None:
         stream = open_port(ports[codec.STREAM_CHANNEL]) if codec.STREAM_CHANNEL in ports else None
         if stream is None:
             log("stream port %s not found; running without it" % codec.STREAM_CHANNEL)
-        # After READY, while idle: json (imported late, it costs ~0.2 s under TCG), then the other modules.
-        idle = [_preload_json] + [_loader(name) for name in modules.DEFERRED]
-        agent = Agent(ctl, stream, deferred_loads=idle)
+        # The other kernel modules are loaded after READY, while the agent is idle.
+        agent = Agent(ctl, stream, deferred_loads=[_loader(name) for name in modules.DEFERRED])
         pod.install(agent)
         stage("ports")
         agent.send_ready()
@@ -118,11 +117,6 @@ def main() -> None:
             log("power off: %s" % e)
         while True:  # PID 1 must not exit
             time.sleep(3600)
-
-
-def _preload_json() -> None:
-    import base64  # noqa: F401
-    import json  # noqa: F401
 
 
 def _loader(name: str):

@@ -44,9 +44,8 @@ STDLIB_DIR = "/usr/lib/python3.11"
 GUEST_ZIP = "usr/lib/python311.zip"
 #: The guest's entry points: everything they import (transitively) goes into the zip.
 GUEST_ENTRY_MODULES = ("hyperd.guest.boot",)
-#: Imported late by the guest (so not seen by importing the entry modules), and codecs Python may need at
-#: start whatever the host's locale is.
-EXTRA_STDLIB_MODULES = ("json", "base64", "encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases")
+#: Codecs Python may need at start whatever the host's locale is.
+EXTRA_STDLIB_MODULES = ("encodings.utf_8", "encodings.ascii", "encodings.latin_1", "encodings.aliases")
 
 _SRC_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

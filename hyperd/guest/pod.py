@@ -11,14 +11,15 @@ Nothing heavy is imported at module level: this module loads before READY.
 """
 
 import _signal as signal
+import binascii
 import errno
 import fcntl
 import os
 import struct
 
 from hyperd.agent import codec
-from hyperd.guest import linux
-from hyperd.guest.agent import CommandError, decode_json, describe_exception, encode_json, exit_status, log
+from hyperd.guest import jsonc, linux
+from hyperd.guest.agent import CommandError, decode_json, describe_exception, exit_status, log
 
 HYPER_DIR = "/tmp/hyper"
 SHARED_DIR = HYPER_DIR + "/shared"
@@ -453,8 +454,6 @@ class Pod:
                 linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
 
     def _write_files(self, container: Container, files) -> None:
-        import base64
-
         if not isinstance(files, list):
             raise CommandError("files must be a list")
         for index, item in enumerate(files):
@@ -462,8 +461,9 @@ class Pod:
                 raise CommandError("files[%d] must be an object" % index)
             path = _str(item.get("path"), "files[%d].path" % index)
             try:
-                data = base64.b64decode(_str(item.get("content"), "files[%d].content" % index), validate=True)
-            except ValueError as e:
+                data = binascii.a2b_base64(_str(item.get("content"), "files[%d].content" % index).encode(),
+                                           strict_mode=True)
+            except (ValueError, binascii.Error) as e:
                 raise CommandError("files[%d].content: %s" % (index, e))
             perm = item.get("perm", "0644")
             mode = int(perm, 8) if isinstance(perm, str) else _int(perm, "files[%d].perm" % index)
@@ -864,12 +864,11 @@ class Pod:
         return container.root
 
     def cmd_writefile(self, payload: bytes) -> bytes:
-        import json
-
         try:
-            # The JSON object is followed by the raw bytes: find where it ends without decoding the bytes.
-            _, end = json.JSONDecoder().raw_decode(payload.decode("latin-1"))
-            spec = json.loads(payload[:end].decode("utf-8"))
+            # The JSON object is followed by the raw bytes: find where it ends without decoding the bytes
+            # (latin-1 maps bytes to characters one to one), then decode that part properly.
+            _, end = jsonc.raw_decode(payload.decode("latin-1"))
+            spec = jsonc.loads(payload[:end].decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise CommandError("malformed WRITEFILE header: %s" % e)
         if not isinstance(spec, dict):

@@ -4,6 +4,7 @@ One VM and one pod serve the whole module (a boot costs seconds under TCG); each
 container ids and stream seqs.
 """
 
+import base64
 import itertools
 import os
 import shutil
@@ -62,13 +63,15 @@ def new_seqs():
     return next(_seqs), next(_seqs)
 
 
-def run_container(vm, args, cid=None, **process):
+def run_container(vm, args, cid=None, image=IMAGE, extra=None, **process):
     """NEWCONTAINER with a busybox image; returns (cid, stdio seq, stderr seq)."""
     cid = cid or "c%d" % next(_ids)
     stdio, stderr = new_seqs()
     spec = {"id": process.pop("id", "init"), "args": args, "stdio": stdio, "stderr": stderr, "workdir": "/"}
     spec.update(process)
-    vm.ok(codec.NEWCONTAINER, {"id": cid, "image": "images/" + IMAGE, "rootfs": "rootfs", "process": spec})
+    payload = {"id": cid, "image": "images/" + image, "rootfs": "rootfs", "process": spec}
+    payload.update(extra or {})
+    vm.ok(codec.NEWCONTAINER, payload)
     return cid, stdio, stderr
 
 
@@ -254,6 +257,26 @@ def test_bad_commands_get_errors(pod):
     # the failed container left nothing behind: its id can be used again
     cid, stdio, _ = run_container(pod, ["true"], cid="bad1")
     assert finish(pod, cid, stdio) == (0, b"")
+
+
+@pytest.mark.timeout(120)
+def test_newcontainer_files_are_in_place_before_the_process_starts(pod):
+    script = base64.b64encode(b"#!/bin/sh\necho from the file $1\n").decode()
+    files = [{"path": "/usr/local/bin/hello", "content": script, "perm": "0755"},
+             {"path": "/etc/app/owned", "content": "", "uid": 65534, "gid": 65534}]
+    cid, stdio, _ = run_container(pod, ["sh", "-c", "hello world; stat -c %u:%g /etc/app/owned"],
+                                  extra={"files": files})
+    assert finish(pod, cid, stdio) == (0, b"from the file world\n65534:65534\n")
+
+
+@pytest.mark.timeout(120)
+def test_image_added_after_the_pod_started_is_usable(pod, images_dir):
+    # warm start: the host unpacks a new image into its store while the VM runs
+    shutil.copytree(os.path.join(images_dir, IMAGE), os.path.join(images_dir, "late"), symlinks=True)
+    with open(os.path.join(images_dir, "late", "rootfs", "etc", "motd"), "w") as f:
+        f.write("late image\n")
+    cid, stdio, _ = run_container(pod, ["cat", "/etc/motd"], image="late")
+    assert finish(pod, cid, stdio) == (0, b"late image\n")
 
 
 @pytest.mark.timeout(120)
