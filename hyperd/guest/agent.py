@@ -133,7 +133,8 @@ class Agent:
         self.stream_decoder = codec.StreamDecoder()
         self.partial_since = None
         self.stopping = False
-        #: Work done while idle (kernel modules loaded after READY); ``require_deferred`` runs it now.
+        #: ``(name, callable)`` run one at a time while idle (kernel modules loaded after READY);
+        #: ``require_deferred`` runs them now.
         self.deferred = deque(deferred_loads)
         self.readers = {}  # fd -> callback()
         self.writers = {}  # fd -> callback()
@@ -198,9 +199,13 @@ class Agent:
             while len(self.retired_seqs) > 1024:
                 del self.retired_seqs[next(iter(self.retired_seqs))]
 
-    def require_deferred(self) -> None:
+    def require_deferred(self, until=None) -> None:
+        """Run the pending idle work now: all of it, or up to and including the task named ``until``."""
         while self.deferred:
+            name = self.deferred[0][0]
             self._run_deferred_one()
+            if name == until:
+                return
 
     # ---- commands of phase 1 ----
 
@@ -443,11 +448,11 @@ class Agent:
                     log("child %d: %s" % (pid, describe_exception(e)))
 
     def _run_deferred_one(self) -> None:
-        task = self.deferred.popleft()
+        name, task = self.deferred.popleft()
         try:
             task()
         except Exception as e:
-            log("deferred task: %s" % describe_exception(e))
+            log("deferred %s: %s" % (name, describe_exception(e)))
 
 
 def _ignore_signal(signum, frame) -> None:

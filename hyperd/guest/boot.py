@@ -102,7 +102,7 @@ def main() -> None:
         if stream is None:
             log("stream port %s not found; running without it" % codec.STREAM_CHANNEL)
         # The other kernel modules are loaded after READY, while the agent is idle.
-        agent = Agent(ctl, stream, deferred_loads=[_loader(name) for name in modules.DEFERRED])
+        agent = Agent(ctl, stream, deferred_loads=[(name, _loader(name)) for name in modules.DEFERRED])
         pod.install(agent)
         stage("ports")
         agent.send_ready()

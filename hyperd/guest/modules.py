@@ -14,7 +14,8 @@ SERIAL = (
 )
 
 #: Loaded after READY while the agent is idle, and at once by any command that needs them. virtio_rng comes
-#: first so that getrandom() in containers does not stall on the crng.
+#: first so that getrandom() in containers does not stall on the crng; STARTPOD waits for the modules up
+#: to POD_NEEDS (9p, overlay), not for the network ones after it.
 DEFERRED = (
     "virtio_rng",
     "9pnet",
@@ -27,6 +28,8 @@ DEFERRED = (
     "net_failover",
     "virtio_net",
 )
+
+POD_NEEDS = "overlay"
 
 ALL = SERIAL + DEFERRED
 

@@ -18,7 +18,7 @@ import os
 import struct
 
 from hyperd.agent import codec
-from hyperd.guest import jsonc, linux
+from hyperd.guest import jsonc, linux, modules
 from hyperd.guest.agent import CommandError, decode_json, describe_exception, exit_status, log
 
 HYPER_DIR = "/tmp/hyper"
@@ -261,7 +261,7 @@ class Pod:
     # ---- STARTPOD ----
 
     def cmd_startpod(self, payload: bytes) -> bytes:
-        self.agent.require_deferred()
+        self.agent.require_deferred(until=modules.POD_NEEDS)  # 9p and overlay; not the NIC's
         spec = decode_json(payload)
         hostname = _str(spec.get("hostname"), "hostname") or "hyper"
         if len(hostname) > 64:
