@@ -28,7 +28,9 @@ from hyperd import API_VERSION, __version__
 from hyperd.config import Config
 from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
 from hyperd.image.builtin import ensure_busybox
+from hyperd.image.service import ImageService
 from hyperd.image.store import ImageStore
+from hyperd.pod.execs import ExecManager
 from hyperd.pod.sandbox import ContainerPlan, Sandbox
 from hyperd.pod.spec import container_document, parse_container, parse_pod
 from hyperd.state import StateStore
@@ -180,8 +182,12 @@ class Daemon(Service):
         # really runs a guest here (on these machines it hangs); until then TCG.
         self.accel = "tcg" if config.accel == "auto" else config.accel
         self.images = ImageStore(config.root)
+        self.image_service = ImageService(reactor, self.images,
+                                          in_use=lambda: {c.image for c in self.state.containers()},
+                                          insecure_registries=config.insecure_registries)
         self._vms: dict[str, VMEntry] = {}
         self._sandboxes: dict[str, Sandbox] = {}
+        self.execs = ExecManager(self)
         self._locks: dict[str, defer.DeferredLock] = {}
         self._exit_waiters: dict[str, list[defer.Deferred]] = {}
         self._guest = None
@@ -221,6 +227,10 @@ class Daemon(Service):
         if self.config.accel == "auto":
             self.accel = await probe_accel(self.reactor, "auto", self._guest.kernel)
         await self._recover()
+
+    async def ready(self) -> None:
+        """Wait until the daemon has started (guest files, built-in image, recovered VMs)."""
+        await self._ready()
 
     async def _ready(self) -> None:
         if self._startup is None:
@@ -280,6 +290,7 @@ class Daemon(Service):
 
     async def _stop(self) -> None:
         """VMs outlive the daemon (a restarted one reattaches) unless the config says stop them."""
+        await self.image_service.close()
         for entry in list(self._vms.values()):
             if entry.vm is None:
                 continue

@@ -191,3 +191,5 @@ class HyperAPI:
 
 # Route modules register on HyperAPI.app when imported.
 from hyperd.api import pods  # noqa: E402,F401
+from hyperd.api import streams  # noqa: E402,F401
+from hyperd.api import images  # noqa: E402,F401

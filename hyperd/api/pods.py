@@ -111,8 +111,13 @@ def container_info(self, request: IRequest) -> bytes:
 
 @app.route("/exitcode", methods=["GET"])
 async def exitcode(self, request: IRequest) -> bytes:
-    """Blocks until the container has exited; the code as a bare JSON integer, as hyperd wrote it."""
-    code = await self.daemon.exit_code(arg(request, "container", required=True))
+    """Blocks until the container (or with ``exec=``, that exec) has exited; the code as a bare JSON
+    integer, as hyperd wrote it."""
+    exec_id = arg(request, "exec")
+    if exec_id:
+        code = await self.daemon.execs.exit_code(arg(request, "container"), exec_id)
+    else:
+        code = await self.daemon.exit_code(arg(request, "container", required=True))
     return json_reply(request, code)
 
 

@@ -48,7 +48,13 @@ def rfc3339(ts: float) -> str:
 
 
 class JSONFileLog:
-    """Docker's json-file log of one container: one JSON object per line of output."""
+    """Docker's json-file log of one container stream: one JSON object per line of output.
+
+    A line longer than ``PARTIAL_LIMIT`` is written in pieces (as Docker does), so a process that never
+    ends its line cannot grow the held part without bound, and ``logs -f`` sees it.
+    """
+
+    PARTIAL_LIMIT = 16 * 1024
 
     def __init__(self, path: str, stream: str):
         self.path = path
@@ -58,8 +64,12 @@ class JSONFileLog:
     def stream_data(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
-        if lines:
-            self._write([line + b"\n" for line in lines])
+        chunks = [line + b"\n" for line in lines]
+        while len(self._partial) >= self.PARTIAL_LIMIT:
+            chunks.append(self._partial[:self.PARTIAL_LIMIT])
+            self._partial = self._partial[self.PARTIAL_LIMIT:]
+        if chunks:
+            self._write(chunks)
 
     def stream_eof(self) -> None:
         if self._partial:
@@ -69,9 +79,8 @@ class JSONFileLog:
     def _write(self, chunks: list[bytes]) -> None:
         now = rfc3339(time.time())
         with open(self.path, "ab") as f:
-            for chunk in chunks:
-                f.write(json.dumps({"log": chunk.decode("utf-8", "replace"), "stream": self.stream,
-                                    "time": now}).encode() + b"\n")
+            f.write(b"".join(json.dumps({"log": chunk.decode("utf-8", "replace"), "stream": self.stream,
+                                         "time": now}).encode() + b"\n" for chunk in chunks))
 
 
 def _file_bytes(detail, path: str) -> bytes:
@@ -172,11 +181,15 @@ class Sandbox:
                 self._watch(plan)
 
     def _watch(self, plan: ContainerPlan) -> None:
+        # The container's output goes to its broker: the json-file log, logs -f followers, attached clients.
+        from hyperd.pod.execs import STDERR, STDOUT, container_outputs
+
         exit_ = self.vm.exits.watch(plan.container_id, "init")
-        path = self.log_path(plan.container_id)
-        self.vm.streams.attach(plan.stdio, exit_.wrap_sink(JSONFileLog(path, "stdout")))
+        broker = container_outputs.open(plan.container_id, self.vm.streams, plan.stdio, plan.stderr,
+                                        self.log_path(plan.container_id), plan.spec.tty, self._reactor)
+        self.vm.streams.attach(plan.stdio, exit_.wrap_sink(broker.sink(STDOUT)))
         if plan.stderr and not plan.spec.tty:
-            self.vm.streams.attach(plan.stderr, JSONFileLog(path, "stderr"))
+            self.vm.streams.attach(plan.stderr, broker.sink(STDERR))
         d = exit_.when_exited()
         self._exited[plan.container_id] = d
         d.addCallback(self._container_exited, plan)
