@@ -182,6 +182,18 @@ def daemon_rss_kb(daemon) -> int:
     return 0
 
 
+def unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2:]
+    return out
+
+
 class Tools:
     """The helpers above, for test modules (importlib mode: they cannot import this conftest)."""
 
@@ -190,6 +202,7 @@ class Tools:
     wait_for = staticmethod(wait_for)
     daemon_fds = staticmethod(daemon_fds)
     daemon_rss_kb = staticmethod(daemon_rss_kb)
+    unchunk = staticmethod(unchunk)
 
 
 @pytest.fixture
