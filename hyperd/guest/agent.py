@@ -26,7 +26,7 @@ PARTIAL_FRAME_TIMEOUT = 5.0
 
 #: How often a port whose host side is disconnected (poll says POLLHUP) is checked again.
 RECONNECT_INTERVAL = 0.01
-RECONNECT_INTERVAL_IDLE = 0.1
+RECONNECT_INTERVAL_IDLE = 0.25
 
 #: Stop reading process output while this much is waiting to go out on the stream port.
 STREAM_BACKLOG_LIMIT = 1 << 20
@@ -330,14 +330,16 @@ class Agent:
                 self.writers[fd]()
 
     def _port_event(self, port: Port, revents: int, on_readable) -> None:
+        # virtio_console reports POLLHUP while the host side is not connected, together with POLLIN
+        # (a read then returns 0); without POLLHUP the host is there.
         if revents & _POLLIN:
             on_readable()
-        if revents & _POLLOUT:
-            port.flush()
-        if revents & _POLLHUP and not revents & _POLLIN:
+        if revents & _POLLHUP:
             self._hangup(port)
-        elif not port.connected:
+            return
+        if not port.connected:
             port.connected = True
+        if revents & _POLLOUT or port.out:
             port.flush()
 
     def _hangup(self, port: Port) -> None:

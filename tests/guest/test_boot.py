@@ -159,3 +159,27 @@ def test_kernel_cmdline_has_the_fast_boot_flags():
     for flag in ("console=ttyS0", "panic=-1", "cryptomgr.notests", "PYTHONHASHSEED=0", "quiet"):
         assert flag in line.split()
     assert line.endswith("HYPERD_DEBUG=1")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("connect_tty", [True, False], ids=["both-ports", "ctl-only"])
+def test_idle_guest_does_not_spin(boot_vm, connect_tty):
+    """Idle, the VM uses almost no CPU, also while the host has not connected the stream port
+    (virtio_console then reports POLLHUP on every poll)."""
+    import time
+
+    vm = boot_vm(connect_tty=connect_tty)
+    vm.wait_ready()
+    vm.ok(codec.PING)
+    time.sleep(2)  # the deferred module loads are done by now
+    before = _cpu_seconds(vm.proc.pid)
+    time.sleep(4)
+    used = (_cpu_seconds(vm.proc.pid) - before) / 4
+    assert used < 0.2, "qemu used %.0f%% CPU while idle" % (used * 100)
+    assert vm.ok(codec.PING) == b""
