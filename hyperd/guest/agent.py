@@ -63,7 +63,7 @@ def decode_json(payload: bytes):
     try:
         value = jsonc.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise CommandError("malformed JSON payload: %s" % e)
+        raise CommandError("malformed JSON payload: %s" % e) from None
     if not isinstance(value, dict):
         raise CommandError("payload must be a JSON object")
     return value

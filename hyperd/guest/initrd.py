@@ -24,7 +24,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import zipfile
 from functools import lru_cache
 
 from hyperd.guest import modules as guest_modules

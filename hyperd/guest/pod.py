@@ -464,7 +464,7 @@ class Pod:
                 data = binascii.a2b_base64(_str(item.get("content"), "files[%d].content" % index).encode(),
                                            strict_mode=True)
             except (ValueError, binascii.Error) as e:
-                raise CommandError("files[%d].content: %s" % (index, e))
+                raise CommandError("files[%d].content: %s" % (index, e)) from None
             perm = item.get("perm", "0644")
             mode = int(perm, 8) if isinstance(perm, str) else _int(perm, "files[%d].perm" % index)
             target = self._write_file(container.root, path, data, mode)
@@ -502,7 +502,7 @@ class Pod:
                 with open(path, "w") as f:
                     f.write(str(value))
             except OSError as e:
-                raise CommandError("sysctl %s=%s: %s" % (key, value, e.strerror))
+                raise CommandError("sysctl %s=%s: %s" % (key, value, e.strerror)) from None
 
     # ---- EXECCMD ----
 
@@ -635,7 +635,7 @@ class Pod:
             proc.outputs[out_r] = stdio
             if err_r is not None:
                 proc.outputs[err_r] = stderr
-        for fd, seq in proc.outputs.items():
+        for fd in proc.outputs:
             os.set_blocking(fd, False)
             if not terminal:
                 try:
@@ -774,7 +774,7 @@ class Pod:
             except ProcessLookupError:
                 pass
             except OSError as e:
-                raise CommandError("kill %s: %s" % (container.id, e.strerror))
+                raise CommandError("kill %s: %s" % (container.id, e.strerror)) from None
         return b""
 
     def cmd_signalprocess(self, payload: bytes) -> bytes:
@@ -787,7 +787,7 @@ class Pod:
             except ProcessLookupError:
                 pass
             except OSError as e:
-                raise CommandError("signal %s/%s: %s" % (proc.container, proc.id, e.strerror))
+                raise CommandError("signal %s/%s: %s" % (proc.container, proc.id, e.strerror)) from None
         return b""
 
     def cmd_winsize(self, payload: bytes) -> bytes:
@@ -870,7 +870,7 @@ class Pod:
             _, end = jsonc.raw_decode(payload.decode("latin-1"))
             spec = jsonc.loads(payload[:end].decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
-            raise CommandError("malformed WRITEFILE header: %s" % e)
+            raise CommandError("malformed WRITEFILE header: %s" % e) from None
         if not isinstance(spec, dict):
             raise CommandError("WRITEFILE header must be a JSON object")
         root = self._file_root(_str(spec.get("container"), "container"))
@@ -885,7 +885,7 @@ class Pod:
         try:
             fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
-            raise CommandError("read %s: %s" % (path, e.strerror))
+            raise CommandError("read %s: %s" % (path, e.strerror)) from None
         try:
             size = os.fstat(fd).st_size
             if size > MAX_READFILE:
@@ -897,7 +897,7 @@ class Pod:
                     break
                 chunks.append(chunk)
         except IsADirectoryError:
-            raise CommandError("%s is a directory" % path)
+            raise CommandError("%s is a directory" % path) from None
         finally:
             os.close(fd)
         return b"".join(chunks)
@@ -1034,7 +1034,7 @@ def _exec(args: list, env: dict) -> None:
         except PermissionError as e:
             denied = e
         except OSError as e:
-            raise CommandError('exec: "%s": %s' % (name, e.strerror))
+            raise CommandError('exec: "%s": %s' % (name, e.strerror)) from None
     if denied is not None:
         raise CommandError('exec: "%s": permission denied' % name)
     if "/" in name:

@@ -211,7 +211,8 @@ class GuestVM:
                     return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError("no event for %s/%s; console:\n%s" % (container, process, self.console_text()[-3000:]))
+                raise TimeoutError("no event for %s/%s; console:\n%s"
+                                   % (container, process, self.console_text()[-3000:]))
             self.ctl.settimeout(min(remaining, 0.5))
             try:
                 data = self.ctl.recv(65536)

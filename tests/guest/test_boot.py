@@ -11,7 +11,6 @@ from hyperd.agent import codec
 from hyperd.guest import initrd
 
 
-
 def u32(payload: bytes) -> int:
     return struct.unpack(">I", payload)[0]
 
