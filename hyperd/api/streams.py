@@ -149,7 +149,12 @@ class ProcessStream(HijackSession):
         self._input_producer = self.input_producer("guest")
         subscription.mux.add_input_producer(self._input_producer)
         if self._open_on_start:
+            subscription.broker.input_ready.addCallback(self._input_ready)
+
+    def _input_ready(self, result: Any) -> Any:
+        if not self.closed:
             self.open_input()
+        return result  # the Deferred is shared by every subscriber of the broker
 
     def output(self, stream: int, data: bytes) -> None:
         if self.tty:

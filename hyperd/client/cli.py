@@ -196,3 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         return defer.ensureDeferred(go())
 
     task.react(_main)
+
+
+# Command modules register their subcommands when imported.
+from hyperd.client import stream_commands  # noqa: E402,F401

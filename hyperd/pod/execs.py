@@ -141,6 +141,8 @@ class OutputBroker:
         self._paused: dict[Subscription, Any] = {}
         self._upstream_paused = False
         self._watchers: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        #: Fires once the process can take stdin (the guest drops stdin sent before its ACK).
+        self.input_ready: defer.Deferred = defer.succeed(None)
 
     def sink(self, stream: int) -> StreamSink:
         """The StreamSink for the seq carrying ``stream``. Only stdout's EOF counts: the guest sends the
@@ -267,8 +269,12 @@ class ContainerOutputs:
         self._waiting_watchers: dict[str, list[tuple[Callable[[], None], Callable[[], None]]]] = {}
 
     def open(self, container_id: str, mux: StreamMux, stdio: int, stderr: int, log_path: str, tty: bool,
-             reactor: Any = None, stall_timeout: float | None = ATTACH_STALL_TIMEOUT) -> OutputBroker:
-        """The broker for a container's init that is starting (or was adopted after a restart)."""
+             reactor: Any = None, stall_timeout: float | None = ATTACH_STALL_TIMEOUT, agent: Any = None,
+             starting: bool = False) -> OutputBroker:
+        """The broker for a container's init that is starting (or was adopted after a restart).
+
+        ``starting``: NEWCONTAINER is about to be sent through ``agent``; stdin may flow once a PING sent
+        right behind it is answered (the guest answers in order), which ``broker.input_ready`` tells."""
         from hyperd.pod.sandbox import JSONFileLog
 
         logs: dict[int, Any] = {STDOUT: JSONFileLog(log_path, "stdout")}
@@ -280,6 +286,8 @@ class ContainerOutputs:
         broker = OutputBroker(mux, stdio, 0 if tty else stderr, logs, reactor, stall_timeout, self._closed)
         self._brokers[container_id] = broker
         broker.container_id = container_id  # type: ignore[attr-defined]
+        if starting and agent is not None and reactor is not None:
+            broker.input_ready = _after_queued(reactor, agent)
         for on_written, on_end in self._waiting_watchers.pop(container_id, []):
             broker.watch(on_written, on_end)
         for subscriber in self._waiting.pop(container_id, []):
@@ -344,6 +352,18 @@ class ContainerOutputs:
             del self._brokers[cid]
 
 
+def _after_queued(reactor: Any, agent: Any) -> defer.Deferred:
+    """Fires once the guest has answered everything queued up to the next turn of the reactor."""
+    ready: defer.Deferred = defer.Deferred()
+
+    def ping() -> None:
+        d = agent.ping()
+        d.addBoth(lambda _: ready.called or ready.callback(None))
+
+    reactor.callLater(0, ping)
+    return ready
+
+
 #: The brokers of every running container of this process (one daemon per process).
 container_outputs = ContainerOutputs()
 
@@ -365,6 +385,7 @@ class ExecRecord:
     stderr: int = 0
     vm: Any = None
     size: tuple[int, int] | None = None
+    stdin_gone: bool = False
     created: float = attrs.field(factory=time.time)
     waiters: list = attrs.field(factory=list)
 
@@ -510,6 +531,8 @@ class ExecManager:
             return
         record.status = "running"
         exit_.when_exited().addCallback(self._exited, record)
+        if record.stdin_gone:
+            self.input_gone(record)
         if record.size is not None:
             await self._winsize(record, *record.size)
 
@@ -557,7 +580,10 @@ class ExecManager:
 
     def input_gone(self, record: ExecRecord) -> None:
         """The exec's client went away: its stdin ends (a tty gets ^D); the process runs on, unread."""
-        if record.status not in ("starting", "running") or record.vm is None or record.vm.streams.closed:
+        if record.status == "starting":
+            record.stdin_gone = True  # the guest takes stdin only after its ACK: done in start()
+            return
+        if record.status != "running" or record.vm is None or record.vm.streams.closed:
             return
         if record.tty:
             record.vm.streams.write(record.stdio, b"\x04")

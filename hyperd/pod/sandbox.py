@@ -186,7 +186,8 @@ class Sandbox:
 
         exit_ = self.vm.exits.watch(plan.container_id, "init")
         broker = container_outputs.open(plan.container_id, self.vm.streams, plan.stdio, plan.stderr,
-                                        self.log_path(plan.container_id), plan.spec.tty, self._reactor)
+                                        self.log_path(plan.container_id), plan.spec.tty, self._reactor,
+                                        agent=self.vm.agent, starting=plan.status != "running")
         self.vm.streams.attach(plan.stdio, exit_.wrap_sink(broker.sink(STDOUT)))
         if plan.stderr and not plan.spec.tty:
             self.vm.streams.attach(plan.stderr, broker.sink(STDERR))
