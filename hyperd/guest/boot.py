@@ -9,7 +9,7 @@ import os
 import time
 
 from hyperd.agent import codec
-from hyperd.guest import linux, modules, pod
+from hyperd.guest import linux, modules, net, pod
 from hyperd.guest.agent import Agent, describe_exception, log
 
 PORTS_DIR = "/sys/class/virtio-ports"
@@ -101,9 +101,11 @@ def main() -> None:
         stream = open_port(ports[codec.STREAM_CHANNEL]) if codec.STREAM_CHANNEL in ports else None
         if stream is None:
             log("stream port %s not found; running without it" % codec.STREAM_CHANNEL)
-        # The other kernel modules are loaded after READY, while the agent is idle.
-        agent = Agent(ctl, stream, deferred_loads=[(name, _loader(name)) for name in modules.DEFERRED])
+        # After READY, while the agent is idle: the loopback up, then the other kernel modules.
+        idle = [("lo", net.loopback_up)] + [(name, _loader(name)) for name in modules.DEFERRED]
+        agent = Agent(ctl, stream, deferred_loads=idle)
         pod.install(agent)
+        net.install(agent)
         stage("ports")
         agent.send_ready()
         stage("ready")

@@ -35,7 +35,7 @@ class ChannelClosed(Exception):
 
 
 class GuestVM:
-    def __init__(self, files, images_dir=None, memory=128):
+    def __init__(self, files, images_dir=None, memory=128, nic=False):
         self.dir = tempfile.mkdtemp(prefix="hd", dir="/tmp")
         self.share = os.path.join(self.dir, "share_dir")
         os.mkdir(self.share)
@@ -68,6 +68,8 @@ class GuestVM:
             "-device", "virtio-9p-pci,fsdev=images,mount_tag=images",
             "-serial", "file:%s" % self.console,
         ]
+        if nic:  # user-mode networking: the guest is 10.0.2.15, the host's loopback is 10.0.2.2
+            self.argv += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
         self.proc = None
         self.started_at = None
 

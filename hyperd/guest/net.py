@@ -1,0 +1,151 @@
+"""Network commands of the guest agent: SETUPINTERFACE, SETUPROUTE, DELETEINTERFACE (hyperd.md §4.2).
+
+Runs inside the VM, standard library only. Containers share the VM's network namespace. Links and routes
+are set with busybox ``ip`` (one short exec each, fine for a handful of calls per pod); the loopback is
+brought up with an ioctl right after READY.
+"""
+
+import _signal as signal
+import _socket
+import fcntl
+import os
+import struct
+
+from hyperd.agent import codec
+from hyperd.guest.agent import CommandError, decode_json
+
+BUSYBOX = "/bin/busybox"  # run as "ip": busybox picks the applet from argv[0]
+NET_CLASS = "/sys/class/net"
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+
+def install(agent) -> None:
+    handlers = NetCommands(agent)
+    agent.register(codec.SETUPINTERFACE, handlers.cmd_setupinterface)
+    agent.register(codec.SETUPROUTE, handlers.cmd_setuproute)
+    agent.register(codec.DELETEINTERFACE, handlers.cmd_deleteinterface)
+
+
+def loopback_up() -> None:
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+    finally:
+        sock.close()
+
+
+def run_ip(*args: str) -> None:
+    """``ip ARGS``, waited for; its output becomes the ERROR message when it fails."""
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.posix_spawn(BUSYBOX, ["ip", *args], {"PATH": "/bin:/sbin"},
+                             file_actions=[(os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, write_fd, 2)],
+                             setsigdef=(signal.SIGPIPE, signal.SIGCHLD))
+    except OSError:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    chunks = []
+    while True:
+        chunk = os.read(read_fd, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        output = b"".join(chunks).decode("utf-8", "replace").strip()
+        raise CommandError("ip %s: %s" % (" ".join(args), output or "exit status %d" % (status >> 8)))
+
+
+def prefix_length(netmask: str) -> int:
+    """``"24"`` or ``"255.255.255.0"`` → 24."""
+    netmask = netmask.strip()
+    if netmask.isdigit():
+        return int(netmask)
+    try:
+        value = int.from_bytes(_socket.inet_aton(netmask), "big")
+    except OSError:
+        raise CommandError("invalid netMask %r" % netmask) from None
+    length = bin(value).count("1")
+    if value != ((1 << 32) - 1) ^ ((1 << (32 - length)) - 1):
+        raise CommandError("netMask %r is not contiguous" % netmask)
+    return length
+
+
+def find_device(spec: dict) -> str:
+    """The interface a command is about: ``device`` (a name), or ``macAddr``."""
+    mac = spec.get("macAddr")
+    device = spec.get("device")
+    if isinstance(device, str) and device and os.path.exists("%s/%s" % (NET_CLASS, device)):
+        return device
+    if isinstance(mac, str) and mac:
+        for name in os.listdir(NET_CLASS):
+            try:
+                with open("%s/%s/address" % (NET_CLASS, name)) as f:
+                    if f.read().strip().lower() == mac.lower():
+                        return name
+            except OSError:
+                continue
+    raise CommandError("no network interface %s" % (device or mac or "given"))
+
+
+class NetCommands:
+    def __init__(self, agent) -> None:
+        self.agent = agent
+
+    def cmd_setupinterface(self, payload: bytes) -> bytes:
+        self.agent.require_deferred()  # virtio_net
+        spec = decode_json(payload)
+        device = find_device(spec)
+        new_name = spec.get("newDeviceName") or device
+        if not isinstance(new_name, str):
+            raise CommandError("newDeviceName must be a string")
+        if new_name != device:
+            run_ip("link", "set", "dev", device, "down")
+            run_ip("link", "set", "dev", device, "name", new_name)
+        for address in spec.get("ipAddresses") or []:
+            if not isinstance(address, dict) or not isinstance(address.get("ipAddress"), str):
+                raise CommandError("ipAddresses entries need an ipAddress")
+            ip = address["ipAddress"]
+            mask = address.get("netMask")
+            cidr = ip if "/" in ip else "%s/%d" % (ip, prefix_length(str(mask or "32")))
+            run_ip("addr", "add", cidr, "dev", new_name)
+        mtu = spec.get("mtu")
+        if mtu:
+            run_ip("link", "set", "dev", new_name, "mtu", str(int(mtu)))
+        run_ip("link", "set", "dev", new_name, "up")
+        return b""
+
+    def cmd_setuproute(self, payload: bytes) -> bytes:
+        self.agent.require_deferred()
+        spec = decode_json(payload)
+        routes = spec.get("routes") or []
+        if not isinstance(routes, list):
+            raise CommandError("routes must be a list")
+        for route in routes:
+            if not isinstance(route, dict):
+                raise CommandError("routes entries must be objects")
+            dest = route.get("dest") or "default"
+            if dest in ("0.0.0.0/0", "::/0"):
+                dest = "default"
+            args = ["route", "replace", dest]
+            if route.get("gateway"):
+                args += ["via", route["gateway"]]
+            if route.get("device"):
+                args += ["dev", route["device"]]
+            run_ip(*args)
+        return b""
+
+    def cmd_deleteinterface(self, payload: bytes) -> bytes:
+        spec = decode_json(payload)
+        device = find_device(spec)
+        run_ip("addr", "flush", "dev", device)
+        run_ip("link", "set", "dev", device, "down")
+        return b""
