@@ -17,6 +17,7 @@ EOF) while output keeps flowing; ``finish`` closes the connection once output ha
 from __future__ import annotations
 
 import select
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -246,6 +247,21 @@ class HijackSession(Protocol):
         pass
 
 
+#: What a stream's socket may hold before its producer is paused, and its kernel buffers. Twisted's
+#: default (64 KiB) pauses the guest so often that the two ends rarely run at once; this is still bounded.
+STREAM_BUFFER = 1024 * 1024
+
+
+def _widen(transport: Any) -> None:
+    transport.bufferSize = STREAM_BUFFER
+    try:
+        sock = transport.getHandle()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STREAM_BUFFER)
+    except (OSError, AttributeError):
+        pass
+
+
 class HijackResource(Resource):
     """A leaf resource whose rendering takes the connection over for ``make_session()``."""
 
@@ -270,6 +286,7 @@ class HijackResource(Resource):
             return b"bad parameter: a streaming request cannot be pipelined\n"
         transport = channel.transport
         channel.setTimeout(None)  # the idle timer would cut a quiet stream
+        _widen(transport)
         transport.unregisterProducer()  # the channel registered itself in connectionMade
         headers = Headers({b"Content-Type": [self._content_type]})
         for name, value in self._headers.items():
