@@ -199,4 +199,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Command modules register their subcommands when imported.
+from hyperd.client import images  # noqa: E402,F401
 from hyperd.client import stream_commands  # noqa: E402,F401
+from hyperd.client import pod_commands  # noqa: E402,F401
