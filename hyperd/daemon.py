@@ -478,6 +478,9 @@ class Daemon(Service):
         if self.state.get_pod(pod.id) or self.state.get_pod_by_name(pod.id):
             raise Conflict(f"conflict: a pod named {pod.id} exists already")
         self._check_resources(pod.vcpu, pod.memory, "resource.")
+        _check_volumes(pod.volumes, "volumes")
+        for i, c in enumerate(pod.containers):
+            _check_volumes([v.detail for v in c.volumes if v.detail], f"containers[{i}].volumes.detail")
         images = [self.images.lookup(c.image) for c in pod.containers]
         for c in pod.containers:
             if self.state.find_container(c.name):
@@ -739,6 +742,7 @@ class Daemon(Service):
             for j, v in enumerate(spec.volumes):
                 if v.detail is None and v.volume not in names:
                     raise BadParameter(f"volumes[{j}].volume: no pod volume named {v.volume!r}")
+            _check_volumes([v.detail for v in spec.volumes if v.detail], "volumes.detail")
             files = {f.name for f in pod.files}
             for j, f in enumerate(spec.files):
                 if f.detail is None and f.filename not in files:
@@ -811,6 +815,16 @@ class Daemon(Service):
         plan.spec = attrs.evolve(plan.spec, name=new)
         self.state.update_container(plan.container_id, name=new)
         self._save_container(plan)
+
+
+def _check_volumes(volumes, path: str) -> None:
+    """Volumes hyperd can give a pod: empty ones, and host directories (``vfs``, shared over 9p)."""
+    for i, v in enumerate(volumes):
+        if v.format not in ("", "vfs"):
+            raise BadParameter(f"{path}[{i}].format: {v.format} volumes are not supported; use vfs (a host "
+                               "directory) or no source (an empty volume)")
+        if v.source and not (os.path.isabs(v.source) and os.path.isdir(v.source)):
+            raise BadParameter(f"{path}[{i}].source: {v.source} is not an existing host directory")
 
 
 def _rfc3339(ts: float | None) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import time
 from typing import Callable
@@ -22,6 +21,7 @@ from twisted.logger import Logger
 from hyperd.agent import codec
 from hyperd.errors import BadParameter
 from hyperd.image.store import Image
+from hyperd.mounts import bind_mount, remove_tree
 from hyperd.pod import payloads
 from hyperd.pod.spec import UserContainer, UserPod
 
@@ -122,10 +122,22 @@ class Sandbox:
         return os.path.join(self.log_dir, f"{container_id}-json.log")
 
     def prepare_share(self) -> None:
-        """Volumes and files the containers map, written into the VM's 9p share (blocking: small files)."""
+        """Volumes and files the containers map, put into the VM's 9p share: an empty volume is a directory
+        there, a ``vfs`` one the host directory bind-mounted there; files are written (blocking: small)."""
         files = {f.name: f for f in self.pod.files}
-        for volume in {v.volume for c in self.containers for v in c.spec.volumes}:
-            os.makedirs(os.path.join(self.share_dir, payloads.SHARED_VOLUMES, volume), exist_ok=True)
+        volumes = {v.name: v for v in self.pod.volumes}
+        for c in self.containers:
+            for v in c.spec.volumes:
+                volumes.setdefault(v.volume, v.detail)
+        for plan in self.containers:
+            for mount in plan.spec.volumes:
+                target = os.path.join(self.share_dir, payloads.SHARED_VOLUMES, mount.volume)
+                volume = volumes.get(mount.volume)
+                if volume is not None and volume.source:
+                    if not os.path.ismount(target):
+                        bind_mount(volume.source, target)
+                else:
+                    os.makedirs(target, exist_ok=True)
         for plan in self.containers:
             for index, cf in enumerate(plan.spec.files):
                 detail = cf.detail or files[cf.filename]
@@ -247,9 +259,9 @@ class Sandbox:
             self._on_exit(plan)
 
     def cleanup_share(self) -> None:
-        """Forget this pod's files in the share, so the VM can serve the next pod clean."""
+        """Forget this pod's volumes and files in the share, so the VM can serve the next pod clean."""
         for sub in (payloads.SHARED_VOLUMES, payloads.SHARED_FILES):
-            shutil.rmtree(os.path.join(self.share_dir, sub), ignore_errors=True)
+            remove_tree(os.path.join(self.share_dir, sub))
 
 
 def _observe(d: defer.Deferred) -> defer.Deferred:

@@ -24,6 +24,7 @@ from hyperd.agent.client import AgentClient, AgentProtocol
 from hyperd.agent.streams import ExitTracker, StreamMux, StreamProtocol
 from hyperd.errors import VMError
 from hyperd.interfaces import IVM
+from hyperd.mounts import remove_tree
 from hyperd.vm import qemu
 from hyperd.vm.connect import connect_unix
 from hyperd.vm.process import PidWatcher, QemuProcessProtocol, pid_alive, pid_is_vm, spawn_qemu
@@ -419,7 +420,11 @@ class VM:
                 proto.transport.loseConnection()
 
     def _cleanup(self) -> None:
-        shutil.rmtree(self.vm_dir, ignore_errors=True)
+        # A pod's host volumes may still be bind-mounted in the share: never delete through them.
+        try:
+            remove_tree(self.vm_dir)
+        except OSError as e:
+            log.error("{vm}: {e}", vm=self.vm_id, e=e)
 
     def _tails(self) -> str:
         if not os.path.isdir(self.vm_dir) and self._last_tails is not None:

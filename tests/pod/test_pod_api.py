@@ -227,3 +227,30 @@ def test_concurrent_start_and_remove_of_one_pod_are_serialized(vm_daemon, qemu_p
     t1.join()
     assert results["start"][0] == 200 and results["remove"][0] == 200, results
     assert api.listing("pod") == [] and api.listing("vm") == [] and qemu_pids(vm_daemon.run_dir) == []
+
+
+def test_a_host_directory_volume_is_shared_and_never_deleted_with_the_vm(vm_daemon, tmp_path):
+    api = vm_daemon.api
+    host = tmp_path / "data"
+    host.mkdir()
+    (host / "in.txt").write_text("from the host\n")
+    spec = {"id": "vfs", "volumes": [{"name": "data", "source": str(host), "format": "vfs"}],
+            "containers": [{"name": "user", "image": "busybox", "volumes": [{"volume": "data", "path": "/data"}],
+                            "command": ["sh", "-c", "cat /data/in.txt; echo from the pod > /data/out.txt"]}]}
+    pod_id = run_pod(api, spec)
+    assert api.ok("GET", "/exitcode", {"container": "user"}) == 0
+    assert api.wait_pod(pod_id) == "succeeded"
+    assert api.logs(pod_id) == "from the host\n"
+    assert (host / "out.txt").read_text() == "from the pod\n"
+    assert sorted(p.name for p in host.iterdir()) == ["in.txt", "out.txt"], "the VM's cleanup left it alone"
+    with open("/proc/self/mountinfo") as f:
+        assert vm_daemon.run_dir not in f.read()
+
+
+@pytest.mark.parametrize("volume, message", [
+    ({"name": "d", "source": "/nonexistent/dir", "format": "vfs"}, "volumes[0].source"),
+    ({"name": "d", "source": "/tmp/x.img", "format": "qcow2"}, "volumes[0].format"),
+])
+def test_unsupported_volumes_are_refused_at_create(vm_daemon, volume, message):
+    status, reply = vm_daemon.api.call("POST", "/pod/create", body={"id": "v", "volumes": [volume]})
+    assert status == 400 and message in reply
