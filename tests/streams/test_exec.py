@@ -152,3 +152,21 @@ def test_a_client_that_vanishes_leaves_the_container_running_and_the_daemon_clea
     exec_id = api.exec_create("box", ["echo", "still fine"])
     assert tools.joined(tools.demux(hijack(sleeper, "/exec/start", {"container": "box", "exec": exec_id})
                                     .read_all()), 1) == b"still fine\n"
+
+
+def test_tty_resize_errors_and_a_resize_before_the_exec_runs(sleeper, hijack, tools):
+    api = sleeper.api
+    plain = api.exec_create("box", ["true"])
+    status, reply = api.call("POST", "/tty/resize", {"container": "box", "exec": plain, "h": 10, "w": 20})
+    assert status == 409 and "no terminal" in reply
+    status, _ = api.call("POST", "/tty/resize", {"container": "box", "h": 10, "w": 20})
+    assert status == 409  # the container has no tty
+    status, _ = api.call("POST", "/tty/resize", {"container": "box", "exec": plain, "h": 0, "w": 20})
+    assert status == 400
+    status, _ = api.call("POST", "/tty/resize", {"container": "box", "exec": "exec-unknown0000", "h": 5, "w": 5})
+    assert status == 404
+    tty = api.exec_create("box", ["sh", "-c", "sleep 0.5; stty size"], tty=True)
+    api.ok("POST", "/tty/resize", {"container": "box", "exec": tty, "h": 33, "w": 111})  # before it starts
+    stream = hijack(sleeper, "/exec/start", {"container": "box", "exec": tty})
+    assert stream.headers["content-type"] == "application/vnd.docker.raw-stream"
+    assert b"33 111" in stream.read_all()
