@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from hyperd import API_VERSION, __version__
 from hyperd.config import Config
+from hyperd.deferreds import observe
 from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
 from hyperd.image.builtin import ensure_busybox
 from hyperd.image.service import ImageService
@@ -78,21 +79,6 @@ async def _locked(lock: defer.DeferredLock):
 class _GuestFiles:
     kernel: str
     initrd: str
-
-
-def _observe(d: defer.Deferred) -> defer.Deferred:
-    """A Deferred firing like ``d`` without taking ``d``'s result from its other callbacks."""
-    out: defer.Deferred = defer.Deferred()
-
-    def passthrough(result):
-        if isinstance(result, defer.Failure):
-            out.errback(result)
-        else:
-            out.callback(result)
-        return result
-
-    d.addBoth(passthrough)
-    return out
 
 
 @attrs.define
@@ -236,7 +222,7 @@ class Daemon(Service):
         if self._startup is None:
             raise HyperError("hyperd is not started")
         if not self._startup.called:
-            await _observe(self._startup)
+            await observe(self._startup)
         if self._start_error is not None:
             raise HyperError(f"hyperd failed to start: {self._start_error}")
 

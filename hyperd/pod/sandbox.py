@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from hyperd.agent import codec
+from hyperd.deferreds import observe
 from hyperd.errors import BadParameter
 from hyperd.image.store import Image
 from hyperd.mounts import bind_mount, remove_tree
@@ -241,7 +242,7 @@ class Sandbox:
                     await self.signal(plan, sig)
                 except Exception as e:
                     log.info("{pod}: kill {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
-            waits = [_observe(self._exited[p.container_id]) for p in running if p.container_id in self._exited]
+            waits = [observe(self._exited[p.container_id]) for p in running if p.container_id in self._exited]
             done = defer.DeferredList(waits, consumeErrors=True)
             timeout = self._reactor.callLater(grace, lambda: done.called or done.cancel())
             try:
@@ -262,16 +263,3 @@ class Sandbox:
         """Forget this pod's volumes and files in the share, so the VM can serve the next pod clean."""
         for sub in (payloads.SHARED_VOLUMES, payloads.SHARED_FILES):
             remove_tree(os.path.join(self.share_dir, sub))
-
-
-def _observe(d: defer.Deferred) -> defer.Deferred:
-    """A new Deferred that fires when ``d`` does, without taking ``d``'s result from its other callbacks."""
-    out: defer.Deferred = defer.Deferred()
-
-    def passthrough(result):
-        if not out.called:
-            out.callback(None)
-        return result
-
-    d.addBoth(passthrough)
-    return out

@@ -1,0 +1,22 @@
+"""Small Deferred helpers the parts share."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+
+def observe(d: defer.Deferred) -> defer.Deferred:
+    """A new Deferred that fires like ``d`` (result or failure) without taking ``d``'s result from the
+    callbacks that come after."""
+    out: defer.Deferred = defer.Deferred()
+
+    def passthrough(result):
+        if not out.called:
+            if isinstance(result, defer.Failure):
+                out.errback(result)
+            else:
+                out.callback(result)
+        return result
+
+    d.addBoth(passthrough)
+    return out
