@@ -31,6 +31,7 @@ from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
 from hyperd.image.builtin import ensure_busybox
 from hyperd.image.service import ImageService
 from hyperd.image.store import ImageStore
+from hyperd.network import make_network
 from hyperd.pod.execs import ExecManager
 from hyperd.pod.sandbox import ContainerPlan, Sandbox
 from hyperd.pod.spec import container_document, parse_container, parse_pod
@@ -174,6 +175,7 @@ class Daemon(Service):
         self._vms: dict[str, VMEntry] = {}
         self._sandboxes: dict[str, Sandbox] = {}
         self.execs = ExecManager(self)
+        self.network = make_network(config, reactor, self.state)
         self._locks: dict[str, defer.DeferredLock] = {}
         self._exit_waiters: dict[str, list[defer.Deferred]] = {}
         self._guest = None
@@ -212,6 +214,7 @@ class Daemon(Service):
         await threads.deferToThread(ensure_busybox, self.images)
         if self.config.accel == "auto":
             self.accel = await probe_accel(self.reactor, "auto", self._guest.kernel)
+        await self.network.start()
         await self._recover()
 
     async def ready(self) -> None:
@@ -251,6 +254,7 @@ class Daemon(Service):
         for pod in self.state.pods():
             if pod.status in ("running", "pending") and pod.pod_id not in self._sandboxes and pod.vm_id:
                 self._fail_pod_rows(pod.pod_id, "hyperd stopped while the pod was starting")
+        await self.network.recover({p: (s.vm, s.pod) for p, s in self._sandboxes.items()}, set(self._vms))
 
     def _fail_pod_rows(self, pod_id: str, reason: str) -> None:
         for c in self.state.containers(pod_id):
@@ -381,15 +385,17 @@ class Daemon(Service):
         return entry
 
     async def _boot(self, entry: VMEntry, cpu: int, mem: int) -> VM:
-        config = VMConfig.create(
-            self.config.run_dir, vm_id=entry.vm_id, kernel=self._guest.kernel, initrd=self._guest.initrd,
-            cpu=cpu, mem=mem, accel=self.accel, images_dir=self.images.images_dir,
-        )
         try:
+            config = VMConfig.create(
+                self.config.run_dir, vm_id=entry.vm_id, kernel=self._guest.kernel, initrd=self._guest.initrd,
+                cpu=cpu, mem=mem, accel=self.accel, images_dir=self.images.images_dir,
+                extra_args=await self.network.prepare_vm(entry.vm_id),
+            )
             vm = await VM.boot(self.reactor, config, ready_timeout=BOOT_TIMEOUT)
         except BaseException:
             self._vms.pop(entry.vm_id, None)
             self.state.delete_vm(entry.vm_id)
+            await self.network.release_vm(entry.vm_id)
             raise
         entry.vm = vm
         entry.status = "associated" if entry.pod_id else "idle"
@@ -406,6 +412,7 @@ class Daemon(Service):
         """qemu is gone. Deliberate (stop, kill) or not, the VM row goes; a pod still running in it fails."""
         self._vms.pop(entry.vm_id, None)
         self.state.delete_vm(entry.vm_id)
+        self.network.vm_died(entry.vm_id, entry.pod_id)
         if entry.status != "stopping":
             self.log.warn("{vm}: died: {reason}", vm=entry.vm_id, reason=reason)
         pod_id = entry.pod_id
@@ -488,6 +495,15 @@ class Daemon(Service):
         if record.status == "running" or record.pod_id in self._sandboxes:
             raise Conflict(f"conflict: pod {record.pod_id} is running already")
         pod = parse_pod(record.spec, pod_id=record.pod_id)
+        # The pod's address and host ports are taken before a VM is booted for it (a port in use: 409).
+        lease = self.network.reserve(pod)
+        try:
+            return await self._start_pod_in_vm(record, pod, lease, vm_id)
+        except BaseException:
+            await self.network.release_pod(record.pod_id)
+            raise
+
+    async def _start_pod_in_vm(self, record, pod, lease, vm_id: str | None) -> int:
         plans = self._plans(record.pod_id, fresh=True)
         if vm_id:
             entry = self._vm_entry(vm_id)
@@ -508,6 +524,7 @@ class Daemon(Service):
         self._sandboxes[record.pod_id] = sandbox
         self._set_pod(record.pod_id, "pending", vm_id=entry.vm_id, reason="", started=time.time(), finished=None)
         try:
+            sandbox.pod = await self.network.attach(lease, entry.vm)  # the guest NIC, routes, port mappings
             await sandbox.start()
         except Exception as e:
             self.log.warn("{pod}: start failed: {e}", pod=record.pod_id, e=e)
@@ -569,6 +586,7 @@ class Daemon(Service):
         sandbox = self._sandboxes.pop(pod_id)
         ok = all(p.exit_code == 0 for p in sandbox.containers)
         entry = self._vms.get(sandbox.vm.vm_id)
+        await self.network.release_pod(pod_id)
         try:
             if entry is not None:
                 await self._stop_vm(entry)
@@ -589,6 +607,7 @@ class Daemon(Service):
             raise Conflict(f"conflict: pod {pod_id} is not running")
         await sandbox.stop(grace=STOP_GRACE)
         self._sandboxes.pop(pod_id, None)
+        await self.network.release_pod(pod_id, vm_kept=not stop_vm)
         entry = self._vms.get(sandbox.vm.vm_id)
         self._set_pod(pod_id, "failed", vm_id=None, reason="stopped", finished=time.time())
         if entry is None:
@@ -607,6 +626,7 @@ class Daemon(Service):
         async with _locked(self._lock(record.pod_id)):
             if record.pod_id in self._sandboxes:
                 await self._stop_pod(record.pod_id, True)
+            await self.network.release_pod(record.pod_id)
             self.state.delete_pod(record.pod_id)
             shutil.rmtree(self._log_dir(record.pod_id), ignore_errors=True)
         self._locks.pop(record.pod_id, None)
@@ -654,7 +674,7 @@ class Daemon(Service):
                 "message": record.reason,
                 "reason": record.reason,
                 "hostIP": "",
-                "podIP": [],
+                "podIP": self.network.pod_ips(record.pod_id),
                 "startTime": _rfc3339(record.started),
                 "finishTime": _rfc3339(record.finished),
                 "containerStatus": [_container_status(p) for p in plans],

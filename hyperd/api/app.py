@@ -193,3 +193,4 @@ class HyperAPI:
 from hyperd.api import pods  # noqa: E402,F401
 from hyperd.api import streams  # noqa: E402,F401
 from hyperd.api import images  # noqa: E402,F401
+from hyperd.api import network  # noqa: E402,F401

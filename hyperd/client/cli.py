@@ -202,3 +202,4 @@ def main(argv: list[str] | None = None) -> None:
 from hyperd.client import images  # noqa: E402,F401
 from hyperd.client import stream_commands  # noqa: E402,F401
 from hyperd.client import pod_commands  # noqa: E402,F401
+from hyperd.client import net_commands  # noqa: E402,F401

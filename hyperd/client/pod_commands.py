@@ -34,6 +34,8 @@ def _pod_arguments(p: argparse.ArgumentParser, run: bool) -> None:
     p.add_argument("--label", action="append", default=[], metavar="K=V", help="a pod label")
     p.add_argument("-v", "--volume", action="append", default=[], metavar="[HOSTDIR:]DIR[:ro]",
                    help="a volume (a host directory shared over 9p, or an empty pod volume)")
+    p.add_argument("--publish", action="append", default=[], metavar="[tcp|udp:]HOST:CONTAINER",
+                   help="map a host port (range) to a container port (range); repeatable")
     if run:
         p.add_argument("-d", "--detach", action="store_true", help="start the pod and return at once")
         p.add_argument("-a", "--attach", action="store_true", help="attach to a pod-file pod's first container")
@@ -79,6 +81,7 @@ def pod_spec(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageFailure(f"{args.podfile}: a pod file holds one object")
         if args.name:
             spec["id"] = args.name
+        _publish(spec, args)
         return spec
     if not args.image:
         raise UsageFailure("an IMAGE or a pod file (-p) is required")
@@ -111,7 +114,17 @@ def pod_spec(args: argparse.Namespace) -> dict[str, Any]:
     if volumes:
         spec["volumes"] = volumes
         container["volumes"] = mounts
+    _publish(spec, args)
     return spec
+
+
+def _publish(spec: dict[str, Any], args: argparse.Namespace) -> None:
+    """``--publish`` rules join the pod's portmappings (a pod file's too)."""
+    if getattr(args, "publish", None):
+        from hyperd.client.net_commands import publish_mappings
+
+        key = next((k for k in spec if k.lower() == "portmappings"), "portmappings")
+        spec[key] = list(spec.get(key) or []) + publish_mappings(args.publish)
 
 
 async def create_or_pull(client: HyperClient, spec: dict[str, Any], out: TextIO) -> str:

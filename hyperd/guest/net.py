@@ -27,6 +27,15 @@ def install(agent) -> None:
     agent.register(codec.SETUPINTERFACE, handlers.cmd_setupinterface)
     agent.register(codec.SETUPROUTE, handlers.cmd_setuproute)
     agent.register(codec.DELETEINTERFACE, handlers.cmd_deleteinterface)
+    # /etc/hosts names the pod's address: STARTPOD (pod.py) writes the file, we then put the address in.
+    startpod = agent.handlers.get(codec.STARTPOD)
+    if startpod is not None:
+        def cmd_startpod(payload: bytes) -> bytes:
+            reply = startpod(payload)
+            handlers.update_hosts()
+            return reply
+
+        agent.register(codec.STARTPOD, cmd_startpod)
 
 
 def loopback_up() -> None:
@@ -96,9 +105,34 @@ def find_device(spec: dict) -> str:
     raise CommandError("no network interface %s" % (device or mac or "given"))
 
 
+HOSTS = "/tmp/hyper/hosts"  # pod.py's HYPER_DIR + "/hosts", bind-mounted on each container's /etc/hosts
+HOSTNAME = "/tmp/hyper/hostname"
+
+
 class NetCommands:
     def __init__(self, agent) -> None:
         self.agent = agent
+        self.addresses = []  # the pod's addresses, for /etc/hosts
+
+    def update_hosts(self) -> None:
+        """``ADDRESS<TAB>hostname`` in the pod's hosts file, in place of 127.0.1.1 (as Docker's).
+
+        Written in place (not renamed over), so that containers that bind-mounted it see the change."""
+        try:
+            with open(HOSTNAME) as f:
+                hostname = f.read().strip()
+            with open(HOSTS) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        if not hostname:
+            return
+        kept = [line for line in lines if not (line.split()[1:2] == [hostname] and not line.startswith("::"))]
+        address = self.addresses[0] if self.addresses else "127.0.1.1"
+        kept.append("%s\t%s" % (address, hostname))
+        with open(HOSTS, "r+") as f:
+            f.write("\n".join(kept) + "\n")
+            f.truncate()
 
     def cmd_setupinterface(self, payload: bytes) -> bytes:
         self.agent.require_deferred()  # virtio_net
@@ -117,10 +151,12 @@ class NetCommands:
             mask = address.get("netMask")
             cidr = ip if "/" in ip else "%s/%d" % (ip, prefix_length(str(mask or "32")))
             run_ip("addr", "add", cidr, "dev", new_name)
+            self.addresses.append(cidr.split("/")[0])
         mtu = spec.get("mtu")
         if mtu:
             run_ip("link", "set", "dev", new_name, "mtu", str(int(mtu)))
         run_ip("link", "set", "dev", new_name, "up")
+        self.update_hosts()
         return b""
 
     def cmd_setuproute(self, payload: bytes) -> bytes:
@@ -148,4 +184,5 @@ class NetCommands:
         device = find_device(spec)
         run_ip("addr", "flush", "dev", device)
         run_ip("link", "set", "dev", device, "down")
+        self.addresses = []
         return b""

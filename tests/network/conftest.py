@@ -1,0 +1,158 @@
+"""Fixtures for the network tests: real daemons booting real VMs (TCG), httpd pods, network namespaces.
+
+``guest_files`` and ``Api`` follow tests/pod/conftest.py (one guest built per session). ``netns`` makes a
+network namespace for one test and deletes it afterwards, whatever happened, with every process still in it.
+No test here sends traffic anywhere but loopback or a namespace it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+
+import pytest
+
+WWW_SCRIPT = ("mkdir -p /www && echo hello from {name} > /www/index.html && "
+              "dd if=/dev/zero of=/www/big bs=1M count={big_mb} 2>/dev/null; exec httpd -f -p {port} -h /www")
+
+
+@pytest.fixture(scope="session")
+def guest_files():
+    from hyperd.guest.initrd import build_guest
+
+    root = tempfile.mkdtemp(prefix="hdg", dir="/tmp")
+    try:
+        yield build_guest(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class Api:
+    """JSON calls to one daemon over its real socket."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+
+    def call(self, method: str, path: str, params: dict | None = None, body=None):
+        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        status, _, content = self.daemon.request(method, target, headers=headers, body=data)
+        try:
+            return status, json.loads(content)
+        except ValueError:
+            return status, content.decode(errors="replace")
+
+    def ok(self, method: str, path: str, params: dict | None = None, body=None):
+        status, reply = self.call(method, path, params, body)
+        assert status in (200, 201, 204), f"{method} {path} {params}: {status} {reply}\n{self.daemon.log()[-3000:]}"
+        return reply
+
+    def pod_status(self, pod_id: str) -> str:
+        pods = [s.split(":") for s in self.ok("GET", "/list", {"item": "pod"})["podData"]]
+        return {p[0]: p[3] for p in pods}[pod_id]
+
+    def httpd_pod(self, name: str, portmappings=(), port: int = 80, big_mb: int = 0, **extra) -> str:
+        """Create a pod whose one container serves /www (index.html and a ``big_mb`` MB file) with busybox httpd."""
+        spec = {"id": name, "containers": [{"name": f"{name}-web", "image": "busybox", "command": [
+            "sh", "-c", WWW_SCRIPT.format(name=name, port=port, big_mb=big_mb)]}],
+            "portmappings": list(portmappings), **extra}
+        return self.ok("POST", "/pod/create", body=spec)["ID"]
+
+    def mappings(self, pod_id: str) -> list[dict]:
+        return self.ok("GET", f"/pod/{pod_id}/portmappings")["portMappings"]
+
+
+def http_get(host: str, port: int, path: str = "/", timeout: float = 30.0, retry_for: float = 30.0) -> bytes:
+    """GET http://host:port/path with the standard library; retried (the server may still be starting)."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                chunks = []
+                while True:
+                    data = s.recv(1 << 20)
+                    if not data:
+                        break
+                    chunks.append(data)
+            reply = b"".join(chunks)
+            head, _, body = reply.partition(b"\r\n\r\n")
+            if head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n")[0]:
+                return body
+            raise OSError(f"reply {head[:60]!r}")
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def vm_daemon(hyperd_factory, guest_files):
+    """A started hyperd (user-mode networking) whose VMs boot the session's guest."""
+    h = hyperd_factory(extra_args=["--kernel", guest_files.kernel, "--initrd", guest_files.initrd])
+    h.start()
+    h.api = Api(h)
+    return h
+
+
+def _netns_pids(name: str) -> list[int]:
+    out = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+class NetNS:
+    """A network namespace of our own with loopback up; ``run``/``popen`` run commands in it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def argv(self, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, *argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*argv), capture_output=True, text=True, check=check, **kwargs)
+
+    def delete(self) -> None:
+        for pid in _netns_pids(self.name):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def netns():
+    """``make() -> NetNS``: namespaces deleted at teardown (with any process left in them), even on failure."""
+    made: list[NetNS] = []
+
+    def make() -> NetNS:
+        ns = NetNS("hdt" + secrets.token_hex(4))
+        subprocess.run(["ip", "netns", "add", ns.name], check=True)
+        made.append(ns)
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    try:
+        yield make
+    finally:
+        for ns in made:
+            ns.delete()
+        leftover = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        for ns in made:
+            assert ns.name not in leftover, f"namespace {ns.name} was not deleted"

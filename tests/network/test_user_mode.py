@@ -1,0 +1,133 @@
+"""User-mode networking on a real daemon and real VMs: a busybox httpd pod reached through its port mapping on
+127.0.0.1, a host port in use refused with 409, mappings added to and deleted from a running pod, the guest's
+address, routes, /etc/hosts and resolv.conf, and the mappings released on stop for the next pod."""
+
+import socket
+
+import pytest
+
+from tests.network.conftest import free_port, http_get
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.timeout(240)
+def test_httpd_pod_through_its_port_mapping(vm_daemon):
+    api = vm_daemon.api
+    port = free_port()
+    pod = api.httpd_pod("web", [{"containerPort": "80", "hostPort": str(port)}])
+    api.ok("POST", "/pod/start", {"podId": pod})
+    assert http_get("127.0.0.1", port, "/index.html") == b"hello from web\n"
+    assert api.mappings(pod) == [{"containerPort": "80", "hostPort": str(port), "protocol": "tcp"}]
+    info = api.ok("GET", "/pod/info", {"podName": pod})
+    assert info["status"]["podIP"] == ["10.0.2.15"]
+
+    # the same host port for a second pod: 409 naming the port, and no VM booted for it
+    other = api.httpd_pod("web2", [{"containerPort": "80", "hostPort": str(port)}])
+    status, reply = api.call("POST", "/pod/start", {"podId": other})
+    assert status == 409 and f"tcp/{port}" in str(reply), (status, reply)
+    assert [v for v in api.ok("GET", "/list", {"item": "vm"})["vmData"]] and \
+        len(api.ok("GET", "/list", {"item": "vm"})["vmData"]) == 1
+
+    # stopped: the port is free again and the second pod gets it
+    api.ok("POST", "/pod/stop", {"podId": pod})
+    assert _refused(port)
+    api.ok("POST", "/pod/start", {"podId": other})
+    assert http_get("127.0.0.1", port, "/index.html") == b"hello from web2\n"
+    api.ok("DELETE", "/pod", {"podId": other})
+    api.ok("DELETE", "/pod", {"podId": pod})
+    assert _refused(port)
+
+
+@pytest.mark.timeout(240)
+def test_host_port_used_by_another_program_is_409(vm_daemon):
+    api = vm_daemon.api
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        pod = api.httpd_pod("busy", [{"containerPort": "80", "hostPort": str(port)}])
+        status, reply = api.call("POST", "/pod/start", {"podId": pod})
+        assert status == 409, (status, reply)
+        assert f"tcp/{port}" in str(reply) and "in use" in str(reply)
+        assert api.ok("GET", "/list", {"item": "vm"})["vmData"] == []
+    # bad input: 400
+    for bad in ([{"containerPort": "0"}], [{"containerPort": "80", "protocol": "sctp"}],
+                [{"containerPort": "80-81", "hostPort": "8080"}], {"containerPort": "80"}):
+        status, reply = api.call("PUT", f"/pod/{pod}/portmappings/add", body=bad)
+        assert status == 400, (bad, status, reply)
+    status, reply = api.call("PUT", f"/pod/{pod}/portmappings/replace", body=[])
+    assert status == 400
+    assert api.call("GET", "/pod/nosuchpod/portmappings")[0] == 404
+
+
+@pytest.mark.timeout(300)
+def test_portmappings_added_and_deleted_on_a_running_pod(vm_daemon):
+    api = vm_daemon.api
+    first, second = free_port(), free_port()
+    pod = api.httpd_pod("live", [{"containerPort": "80", "hostPort": str(first)}],
+                        dns=[], dnsSearch=["example.test"])
+    api.ok("POST", "/pod/start", {"podId": pod})
+    assert http_get("127.0.0.1", first) == b"hello from live\n"
+
+    api.ok("PUT", f"/pod/{pod}/portmappings/add", body=[{"containerPort": "80", "hostPort": str(second)},
+                                                         {"containerPort": "81"}])
+    assert http_get("127.0.0.1", second) == b"hello from live\n"
+    mappings = api.mappings(pod)
+    assert mappings[:2] == [{"containerPort": "80", "hostPort": str(first), "protocol": "tcp"},
+                            {"containerPort": "80", "hostPort": str(second), "protocol": "tcp"}]
+    assert mappings[2]["containerPort"] == "81" and 1025 <= int(mappings[2]["hostPort"]) <= 65535
+    # adding a port it maps already: 409
+    status, reply = api.call("PUT", f"/pod/{pod}/portmappings/add",
+                             body=[{"containerPort": "80", "hostPort": str(second)}])
+    assert status == 409 and f"tcp/{second}" in str(reply)
+
+    api.ok("PUT", f"/pod/{pod}/portmappings/delete", body=[{"containerPort": "80", "hostPort": str(first)}])
+    assert _refused(first)
+    assert http_get("127.0.0.1", second) == b"hello from live\n"
+    status, _ = api.call("PUT", f"/pod/{pod}/portmappings/delete", body=[{"containerPort": "99"}])
+    assert status == 404
+    assert [m["hostPort"] for m in api.mappings(pod)] == [str(second), mappings[2]["hostPort"]]
+
+    # inside: the address, the default route, /etc/hosts with the pod's address, the host's resolv.conf
+    # (with dnsSearch from the pod)
+    exec_out = _exec(vm_daemon, pod, "ip -4 addr show eth0; ip route; cat /etc/hosts /etc/resolv.conf")
+    assert "10.0.2.15/24" in exec_out and "default via 10.0.2.2" in exec_out
+    assert "10.0.2.15\tlive" in exec_out
+    assert "search example.test" in exec_out and "nameserver " in exec_out
+
+    # stopped with the VM kept idle: the mappings and the guest address go; the next pod in that VM works
+    vm = api.ok("GET", "/pod/info", {"podName": pod})["vm"]
+    api.ok("POST", "/pod/stop", {"podId": pod, "stopVm": "no"})
+    assert _refused(second)
+    nxt = api.httpd_pod("warm", [{"containerPort": "80", "hostPort": str(first)}])
+    api.ok("POST", "/pod/start", {"podId": nxt, "vmId": vm})
+    assert http_get("127.0.0.1", first) == b"hello from warm\n"
+    assert _refused(second)
+    api.ok("DELETE", "/pod", {"podId": nxt})
+    api.ok("DELETE", "/pod", {"podId": pod})
+
+
+def _exec(daemon, pod: str, script: str) -> str:
+    """Run ``script`` in a second container of the pod and return its output (from its log)."""
+    import json
+    import os
+    import time
+
+    api = daemon.api
+    cid = api.ok("POST", "/container/create", {"podId": pod},
+                 body={"image": "busybox", "command": ["sh", "-c", script]})["ID"]
+    api.ok("POST", "/container/start", {"container": cid})
+    assert api.ok("GET", "/exitcode", {"container": cid}) == 0
+    path = os.path.join(daemon.root, "logs", pod, f"{cid}-json.log")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(path) as f:
+        return "".join(json.loads(line)["log"] for line in f)
