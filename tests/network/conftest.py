@@ -95,6 +95,21 @@ def http_get(host: str, port: int, path: str = "/", timeout: float = 30.0, retry
             time.sleep(0.2)
 
 
+def run_in_pod(daemon, pod: str, script: str) -> str:
+    """Run ``script`` in a second container of the pod and return its output (from its log)."""
+    api = daemon.api
+    cid = api.ok("POST", "/container/create", {"podId": pod},
+                 body={"image": "busybox", "command": ["sh", "-c", script]})["ID"]
+    api.ok("POST", "/container/start", {"container": cid})
+    assert api.ok("GET", "/exitcode", {"container": cid}) == 0
+    path = os.path.join(daemon.root, "logs", pod, f"{cid}-json.log")
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with open(path) as f:
+        return "".join(json.loads(line)["log"] for line in f)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.network.conftest import free_port, http_get
+from tests.network.conftest import free_port, http_get, run_in_pod
 
 
 def _refused(port: int) -> bool:
@@ -97,7 +97,7 @@ def test_portmappings_added_and_deleted_on_a_running_pod(vm_daemon):
 
     # inside: the address, the default route, /etc/hosts with the pod's address, the host's resolv.conf
     # (with dnsSearch from the pod)
-    exec_out = _exec(vm_daemon, pod, "ip -4 addr show eth0; ip route; cat /etc/hosts /etc/resolv.conf")
+    exec_out = run_in_pod(vm_daemon, pod, "ip -4 addr show eth0; ip route; cat /etc/hosts /etc/resolv.conf")
     assert "10.0.2.15/24" in exec_out and "default via 10.0.2.2" in exec_out
     assert "10.0.2.15\tlive" in exec_out
     assert "search example.test" in exec_out and "nameserver " in exec_out
@@ -112,22 +112,3 @@ def test_portmappings_added_and_deleted_on_a_running_pod(vm_daemon):
     assert _refused(second)
     api.ok("DELETE", "/pod", {"podId": nxt})
     api.ok("DELETE", "/pod", {"podId": pod})
-
-
-def _exec(daemon, pod: str, script: str) -> str:
-    """Run ``script`` in a second container of the pod and return its output (from its log)."""
-    import json
-    import os
-    import time
-
-    api = daemon.api
-    cid = api.ok("POST", "/container/create", {"podId": pod},
-                 body={"image": "busybox", "command": ["sh", "-c", script]})["ID"]
-    api.ok("POST", "/container/start", {"container": cid})
-    assert api.ok("GET", "/exitcode", {"container": cid}) == 0
-    path = os.path.join(daemon.root, "logs", pod, f"{cid}-json.log")
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with open(path) as f:
-        return "".join(json.loads(line)["log"] for line in f)
