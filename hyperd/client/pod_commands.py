@@ -155,7 +155,7 @@ async def cmd_create(client: HyperClient, args: argparse.Namespace, out: TextIO)
 async def cmd_run(client: HyperClient, args: argparse.Namespace, out: TextIO) -> int:
     from twisted.internet import reactor
 
-    from hyperd.client.stream_commands import LocalIO, _pump
+    from hyperd.client.stream_commands import LocalIO, pump
     from hyperd.client.streams import StreamClient
 
     spec = pod_spec(args)
@@ -179,7 +179,7 @@ async def cmd_run(client: HyperClient, args: argparse.Namespace, out: TextIO) ->
         if proto is None:
             return 0
         tty = bool(spec.get("tty")) or any(c.get("tty") for c in spec.get("containers") or [])
-        await _pump(io, proto, tty, lambda h, w: streams.resize(container, None, h, w), stdin=tty)
+        await pump(io, proto, tty, lambda h, w: streams.resize(container, None, h, w), stdin=tty)
         return await streams.exit_code(container)
     finally:
         if args.rm and not args.detach:

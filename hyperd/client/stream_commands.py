@@ -198,7 +198,7 @@ async def resolve_container(streams: StreamClient, target: str) -> str:
     return containers[0]["containerID"]
 
 
-async def _pump(io: LocalIO, proto: StreamProtocol, tty: bool, resize: Callable[[int, int], Any] | None,
+async def pump(io: LocalIO, proto: StreamProtocol, tty: bool, resize: Callable[[int, int], Any] | None,
                 stdin: bool = True) -> None:
     """Connect the local end to ``proto`` until the server closes it; the terminal restored after."""
     try:
@@ -246,7 +246,7 @@ async def cmd_exec(client: HyperClient, args: argparse.Namespace, out: TextIO) -
         proto.close()
         out.write(f"{exec_id}\n")
         return 0
-    await _pump(io, proto, args.tty, lambda h, w: streams.resize(container, exec_id, h, w))
+    await pump(io, proto, args.tty, lambda h, w: streams.resize(container, exec_id, h, w))
     return await streams.exit_code(container, exec_id)
 
 
@@ -263,7 +263,7 @@ async def cmd_attach(client: HyperClient, args: argparse.Namespace, out: TextIO)
     tty = bool((await streams.container_info(container)).get("tty"))
     io = LocalIO(reactor)
     proto = await streams.attach(container, io.output)
-    await _pump(io, proto, tty, lambda h, w: streams.resize(container, None, h, w))
+    await pump(io, proto, tty, lambda h, w: streams.resize(container, None, h, w))
     if not tty:
         return await streams.exit_code(container)  # the output ended: the container is exiting
     # A tty stream also ends when we detach (ctrl-p ctrl-q): wait a moment for an exit, else it runs on.

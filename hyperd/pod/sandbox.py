@@ -166,8 +166,11 @@ class Sandbox:
         plan.status, plan.started, plan.finished, plan.exit_code = "running", time.time(), None, None
         try:
             await self.vm.agent.request_json(codec.NEWCONTAINER, payload)
-        except BaseException:
+        except BaseException as e:
+            from hyperd.pod.execs import container_outputs
+
             plan.status = "failed"
+            container_outputs.forget(plan.container_id, f"the container did not start: {e}")
             self._exited.pop(plan.container_id, None)
             self.vm.exits.forget(plan.container_id, "init")
             self.vm.streams.detach(plan.stdio)

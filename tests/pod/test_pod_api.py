@@ -81,12 +81,12 @@ def test_stop_with_stopvm_no_leaves_the_vm_idle_for_the_next_pod(vm_daemon, qemu
     assert api.listing("vm") == [[vm_id, "", "idle"]]
     assert api.pod_status(first) == "failed"
     started = time.monotonic()
-    second = run_pod(api, {"id": "second", "containers": [{"image": "busybox", "command": ["echo", "warm"]}]},
-                     vmId=vm_id)
-    assert api.ok("GET", "/exitcode", {"container": "second-busybox-0"}) == 0
+    second = run_pod(api, {"id": "second", "containers": [
+        {"image": "busybox", "command": ["sh", "-c", "echo warm; exec sleep 60"]}]}, vmId=vm_id)
     assert time.monotonic() - started < 2.0, "a warm start does not boot"
+    wait_for(lambda: api.logs(second) == "warm\n", 5, "the second pod's output")
     assert qemu_pids(os.path.join(vm_daemon.run_dir, vm_id)) == [pid]
-    assert api.logs(second) == "warm\n"
+    assert api.listing("vm") == [[vm_id, second, "associated"]]
 
 
 def test_a_running_pod_survives_a_daemon_restart_and_is_stoppable(vm_daemon, qemu_pids):
