@@ -32,3 +32,15 @@ def test_every_route_has_a_section_in_api_md():
     for method, path in served_routes():
         assert f"`{method} {path}" in text or f"{method} {path}?" in text or f"and `{method} {path}" in text, \
             (method, path)
+
+
+def test_every_reference_in_openapi_resolves():
+    import re
+
+    with open(os.path.join(DOCS, "openapi.yaml")) as f:
+        text = f.read()
+    components = yaml.safe_load(text)["components"]
+    refs = set(re.findall(r'\$ref: "#/components/(\w+)/(\w+)"', text))
+    assert refs
+    for kind, name in refs:
+        assert name in components.get(kind, {}), f"#/components/{kind}/{name} is not defined"
