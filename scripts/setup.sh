@@ -28,3 +28,6 @@ done
 echo "hyperd is running (pid $(cat "$PIDFILE")), log in $LOG, API on unix://$SOCKET"
 echo "\$ hyperctl info"
 .venv/bin/hyperctl info
+echo
+echo "\$ hyperctl run --rm busybox echo hello from a VM"
+.venv/bin/hyperctl run --rm busybox echo hello from a VM
