@@ -19,7 +19,14 @@ NET_CLASS = "/sys/class/net"
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
+SIOCGIFADDR = 0x8915
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCSIFMTU = 0x8922
+SIOCADDRT = 0x890B
 IFF_UP = 0x1
+RTF_UP = 0x1
+RTF_GATEWAY = 0x2
 
 
 def install(agent) -> None:
@@ -39,13 +46,59 @@ def install(agent) -> None:
 
 
 def loopback_up() -> None:
+    link_up("lo")
+
+
+# The common case of a pod's NIC (its first address, MTU, up, a default route) is set with ioctls, as
+# ifconfig/route do: a busybox ``ip`` spawn costs tens of ms under TCG, on every pod start. Anything else
+# (renames, more addresses, other routes, an address already there) goes through ``ip`` for its semantics
+# and its error messages.
+
+def _ioctl(request: int, arg: bytes) -> bytes:
     sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
     try:
-        request = struct.pack("16sH14x", b"lo", 0)
-        flags = struct.unpack_from("16sH", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        return fcntl.ioctl(sock.fileno(), request, arg)
     finally:
         sock.close()
+
+
+def _ifname(name: str) -> bytes:
+    return name.encode()[:15]
+
+
+def _sockaddr_in(ip: str) -> bytes:
+    return struct.pack("=HH4s8x", _socket.AF_INET, 0, _socket.inet_aton(ip))
+
+
+def link_up(name: str) -> None:
+    flags = struct.unpack_from("16sH", _ioctl(SIOCGIFFLAGS, struct.pack("16sH22x", _ifname(name), 0)))[1]
+    _ioctl(SIOCSIFFLAGS, struct.pack("16sH22x", _ifname(name), flags | IFF_UP))
+
+
+def has_ipv4(name: str) -> bool:
+    try:
+        _ioctl(SIOCGIFADDR, struct.pack("16s24x", _ifname(name)))
+        return True
+    except OSError:
+        return False
+
+
+def set_ipv4(name: str, ip: str, prefix: int) -> None:
+    mask = ((1 << 32) - 1) ^ ((1 << (32 - prefix)) - 1) if prefix else 0
+    _ioctl(SIOCSIFADDR, struct.pack("16s16s8x", _ifname(name), _sockaddr_in(ip)))
+    _ioctl(SIOCSIFNETMASK, struct.pack("16s16s8x", _ifname(name), _sockaddr_in(_socket.inet_ntoa(
+        mask.to_bytes(4, "big")))))
+
+
+def set_mtu(name: str, mtu: int) -> None:
+    _ioctl(SIOCSIFMTU, struct.pack("16si20x", _ifname(name), mtu))
+
+
+def add_default_route(gateway: str) -> None:
+    """``route add default gw GATEWAY`` (struct rtentry, x86_64 layout; the kernel finds the device)."""
+    entry = struct.pack("=8x16s16s16sH2x4x8x8xh6x8x8x8xH6x", _sockaddr_in("0.0.0.0"), _sockaddr_in(gateway),
+                        _sockaddr_in("0.0.0.0"), RTF_UP | RTF_GATEWAY, 0, 0)
+    _ioctl(SIOCADDRT, entry)
 
 
 def run_ip(*args: str) -> None:
@@ -144,18 +197,31 @@ class NetCommands:
         if new_name != device:
             run_ip("link", "set", "dev", device, "down")
             run_ip("link", "set", "dev", device, "name", new_name)
-        for address in spec.get("ipAddresses") or []:
+        for index, address in enumerate(spec.get("ipAddresses") or []):
             if not isinstance(address, dict) or not isinstance(address.get("ipAddress"), str):
                 raise CommandError("ipAddresses entries need an ipAddress")
             ip = address["ipAddress"]
             mask = address.get("netMask")
             cidr = ip if "/" in ip else "%s/%d" % (ip, prefix_length(str(mask or "32")))
-            run_ip("addr", "add", cidr, "dev", new_name)
-            self.addresses.append(cidr.split("/")[0])
+            ip, prefix = cidr.split("/")[0], int(cidr.split("/")[1])
+            if index == 0 and ":" not in ip and not has_ipv4(new_name):
+                try:
+                    set_ipv4(new_name, ip, prefix)
+                except OSError:
+                    run_ip("addr", "add", cidr, "dev", new_name)
+            else:
+                run_ip("addr", "add", cidr, "dev", new_name)
+            self.addresses.append(ip)
         mtu = spec.get("mtu")
         if mtu:
-            run_ip("link", "set", "dev", new_name, "mtu", str(int(mtu)))
-        run_ip("link", "set", "dev", new_name, "up")
+            try:
+                set_mtu(new_name, int(mtu))
+            except OSError:
+                run_ip("link", "set", "dev", new_name, "mtu", str(int(mtu)))
+        try:
+            link_up(new_name)
+        except OSError:
+            run_ip("link", "set", "dev", new_name, "up")
         self.update_hosts()
         return b""
 
@@ -171,6 +237,13 @@ class NetCommands:
             dest = route.get("dest") or "default"
             if dest in ("0.0.0.0/0", "::/0"):
                 dest = "default"
+            gateway = route.get("gateway")
+            if dest == "default" and isinstance(gateway, str) and gateway.count(".") == 3:
+                try:
+                    add_default_route(gateway)
+                    continue
+                except OSError:
+                    pass  # one there already (replace it), or a gateway ip will explain
             args = ["route", "replace", dest]
             if route.get("gateway"):
                 args += ["via", route["gateway"]]
