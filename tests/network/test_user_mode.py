@@ -112,3 +112,62 @@ def test_portmappings_added_and_deleted_on_a_running_pod(vm_daemon):
     assert _refused(second)
     api.ok("DELETE", "/pod", {"podId": nxt})
     api.ok("DELETE", "/pod", {"podId": pod})
+
+
+@pytest.mark.timeout(300)
+def test_port_mappings_survive_a_daemon_restart(vm_daemon):
+    api = vm_daemon.api
+    first, second = free_port(), free_port()
+    pod = api.httpd_pod("keep", [{"containerPort": "80", "hostPort": str(first)},
+                                 {"containerPort": "80", "hostPort": str(second)}])
+    api.ok("POST", "/pod/start", {"podId": pod})
+    assert http_get("127.0.0.1", first) == b"hello from keep\n"
+
+    vm_daemon.restart()
+    # the forwards live in qemu, which kept running; the new daemon knows them and still holds the ports
+    assert http_get("127.0.0.1", first) == b"hello from keep\n"
+    assert [m["hostPort"] for m in api.mappings(pod)] == [str(first), str(second)]
+    assert api.ok("GET", "/pod/info", {"podName": pod})["status"]["podIP"] == ["10.0.2.15"]
+    other = api.httpd_pod("other", [{"containerPort": "80", "hostPort": str(second)}])
+    status, reply = api.call("POST", "/pod/start", {"podId": other})
+    assert status == 409 and f"already mapped by pod {pod}" in str(reply), (status, reply)
+    # and can change them (QMP is reconnected)
+    api.ok("PUT", f"/pod/{pod}/portmappings/delete", body=[{"containerPort": "80", "hostPort": str(second)}])
+    assert _refused(second)
+    api.ok("POST", "/pod/start", {"podId": other})
+    assert http_get("127.0.0.1", second) == b"hello from other\n"
+    api.ok("DELETE", "/pod", {"podId": pod})
+    api.ok("DELETE", "/pod", {"podId": other})
+    assert _refused(first) and _refused(second)
+
+
+@pytest.mark.timeout(300)
+def test_ports_released_when_the_pod_finishes_or_its_vm_is_killed(vm_daemon):
+    import time
+
+    api = vm_daemon.api
+    port = free_port()
+    spec = {"id": "short", "portmappings": [{"containerPort": "80", "hostPort": str(port)}],
+            "containers": [{"image": "busybox", "command": ["sleep", "1"]}]}
+    pod = api.ok("POST", "/pod/create", body=spec)["ID"]
+    api.ok("POST", "/pod/start", {"podId": pod})
+    assert api.ok("GET", "/exitcode", {"container": "short-busybox-0"}) == 0
+    deadline = time.monotonic() + 30
+    while api.pod_status(pod) != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    # the port went with it: a second pod takes it, then loses its VM
+    web = api.httpd_pod("killed", [{"containerPort": "80", "hostPort": str(port)}])
+    api.ok("POST", "/pod/start", {"podId": web})
+    assert http_get("127.0.0.1", port) == b"hello from killed\n"
+    vm = api.ok("GET", "/pod/info", {"podName": web})["vm"]
+    api.ok("DELETE", "/vm", {"vm": vm})
+    assert api.pod_status(web) == "failed"
+    assert _refused(port)
+    assert api.ok("GET", "/pod/info", {"podName": web})["status"]["podIP"] == []
+    again = api.httpd_pod("again", [{"containerPort": "80", "hostPort": str(port)}])
+    api.ok("POST", "/pod/start", {"podId": again})
+    assert http_get("127.0.0.1", port) == b"hello from again\n"
+    for p in (pod, web, again):
+        api.ok("DELETE", "/pod", {"podId": p})
