@@ -167,3 +167,11 @@ def test_host_dns_for_the_guest():
 
 def test_tap_names_fit_an_interface_name():
     assert tap_name("vm-abcdefghij") == "vm-abcdefghij0" and len(tap_name("vm-abcdefghij", 9)) <= 15
+
+
+def test_disable_iptables_refuses_port_mappings_with_nothing_held(state):
+    net = bridge(state, disable_iptables=True)
+    with pytest.raises(BadParameter, match="DisableIptables"):
+        net.reserve(pod("p", portmappings=[{"containerPort": "80", "hostPort": "8080"}]))
+    assert state.allocations() == {}
+    assert net.reserve(pod("q")).nic.address == "10.77.0.2"  # without mappings it starts
