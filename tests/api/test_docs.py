@@ -1,6 +1,7 @@
 """docs/openapi.yaml and docs/api.md describe exactly the routes the API serves."""
 
 import os
+import re
 
 import yaml
 
@@ -13,7 +14,7 @@ def served_routes():
     routes = set()
     for rule in HyperAPI.app.url_map.iter_rules():
         for method in rule.methods - {"HEAD", "OPTIONS"}:
-            routes.add((method, rule.rule))
+            routes.add((method, re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)))
     return routes
 
 
