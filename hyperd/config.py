@@ -53,7 +53,8 @@ class Config:
     disable_iptables: bool = False
     host: str | None = None  # an extra listener, hyperd's Host=tcp://ip:port
     stop_vms_on_exit: bool = False  # False: VMs outlive the daemon and are picked up again
-    pod_log_prefix: str = "/var/run/hyper/Pods"
+    pod_log_prefix: str | None = None  # None: <root>/logs (kept across reboots, unlike hyperd's /var/run)
+    port_host_ip: str = "127.0.0.1"  # where user-mode port mappings listen on the host
     insecure_registries: tuple[str, ...] = ()  # registries pulled from over plain HTTP (host or host:port)
     warnings: tuple[str, ...] = ()  # unknown keys and ignored settings, for the log
 
@@ -64,6 +65,11 @@ class Config:
     @property
     def initrd_path(self) -> str:
         return self.initrd or os.path.join(self.root, "hyper-initrd.img")
+
+    @property
+    def log_dir(self) -> str:
+        """Where containers' json-file logs go: ``<log_dir>/<pod>/<container>-json.log``."""
+        return self.pod_log_prefix or os.path.join(self.root, "logs")
 
     @property
     def state_path(self) -> str:
@@ -166,6 +172,15 @@ def _endpoint(value: str) -> str:
     return socket_endpoint(v)
 
 
+def _host_ip(value: str) -> str:
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
 def _registries(value: str) -> tuple[str, ...]:
     """``InsecureRegistries=a:5000, b`` → ("a:5000", "b"): hosts or host:port, comma or space separated."""
     items = tuple(v for v in value.replace(",", " ").split() if v)
@@ -195,6 +210,7 @@ _KEYS: dict[str, tuple[str | None, Any]] = {
     "network": ("network", _choice(NETWORKS)),
     "stopvmsonexit": ("stop_vms_on_exit", parse_bool),
     "insecureregistries": ("insecure_registries", _registries),
+    "porthostip": ("port_host_ip", _host_ip),
     # hyperd's, accepted and ignored
     "bios": (None, str),
     "cbfs": (None, str),

@@ -265,7 +265,7 @@ class Daemon(Service):
 
     def _adopt_pod(self, entry: VMEntry) -> None:
         record = self.state.get_pod(entry.pod_id)
-        if record is None or record.status != "running":
+        if record is None or record.status not in ("running", "paused"):
             return
         pod = parse_pod(record.spec, pod_id=record.pod_id)
         plans = self._plans(record.pod_id)
@@ -632,7 +632,7 @@ class Daemon(Service):
         self._locks.pop(record.pod_id, None)
 
     def _log_dir(self, pod_id: str) -> str:
-        return os.path.join(self.config.root, "logs", pod_id)
+        return os.path.join(self.config.log_dir, pod_id)
 
     async def exit_code(self, container: str) -> int:
         """Wait until the container has exited; its exit code (hyperd's GET /exitcode)."""

@@ -26,4 +26,4 @@ def make_network(config, reactor, state) -> Network:
         return BridgeNetwork(config, reactor, state)
     from hyperd.network.user import UserNetwork
 
-    return UserNetwork(config, reactor, state, host_ip=getattr(config, "port_host_ip", None) or "127.0.0.1")
+    return UserNetwork(config, reactor, state, host_ip=config.port_host_ip)

@@ -123,3 +123,12 @@ def test_bad_command_line_values_name_the_option(tmp):
 def test_socket_endpoints(given, endpoint, path):
     assert socket_endpoint(given) == endpoint
     assert unix_path(endpoint) == path
+
+
+def test_our_network_image_and_log_keys(tmp):
+    c = load_config(write(tmp, "PortHostIP = 0.0.0.0\nInsecureRegistries = reg.local:5000, mirror\nRoot=/srv/h\n"))
+    assert c.port_host_ip == "0.0.0.0" and c.insecure_registries == ("reg.local:5000", "mirror")
+    assert c.log_dir == "/srv/h/logs", "logs live under the root unless [Log] PodLogPrefix says otherwise"
+    for bad, key in (("PortHostIP = nowhere\n", "porthostip"), ("InsecureRegistries = a/b\n", "insecureregistries")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(write(tmp, bad))
