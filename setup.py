@@ -42,6 +42,7 @@ setup(
             "pytest-twisted>=1.14,<2",
             "hypothesis>=6.100,<7",
             "pytest-timeout>=2.2,<3",
+            "ruff>=0.6",
         ],
     },
     entry_points={

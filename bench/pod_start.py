@@ -90,7 +90,7 @@ def main(n: int) -> None:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("hyperd did not start")
+                    raise RuntimeError("hyperd did not start") from None
                 time.sleep(0.05)
         append = kernel_cmdline()
         bare_dir = os.path.join(work, "bare")
@@ -114,7 +114,7 @@ def main(n: int) -> None:
         results: dict[str, list[float]] = {"bare": [], "cold": [], "warm": []}
         for i in range(n):
             for kind in (("bare", "cold", "warm") if i % 2 == 0 else ("warm", "cold", "bare")):
-                t = {"bare": bare, "cold": lambda: cold(i), "warm": lambda: warm(i)}[kind]()
+                t = bare() if kind == "bare" else cold(i) if kind == "cold" else warm(i)
                 results[kind].append(t)
                 print(f"  run {i + 1} {kind:4} {t:.3f} s", flush=True)
                 time.sleep(0.3)

@@ -36,7 +36,7 @@ from hyperd.pod.execs import ExecManager
 from hyperd.pod.sandbox import ContainerPlan, Sandbox
 from hyperd.pod.spec import container_document, parse_container, parse_pod
 from hyperd.state import StateStore
-from hyperd.vm import VM, VMConfig, VMGone, new_vm_id, probe_accel
+from hyperd.vm import VM, VMConfig, new_vm_id, probe_accel
 
 __all__ = ["Daemon", "LIST_ITEMS", "host_info"]
 
@@ -480,7 +480,7 @@ class Daemon(Service):
                 raise Conflict(f"conflict: a container named {c.name} exists already")
         with self.state.transaction():
             self.state.put_pod(pod.id, pod.id, pod.source, "pending")
-            for c, image in zip(pod.containers, images):
+            for c, image in zip(pod.containers, images, strict=True):
                 self.state.put_container(new_container_id(), pod.id, c.name, image.id, "pending",
                                          record={"spec": container_document(c)})
         return pod.id

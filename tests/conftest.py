@@ -141,7 +141,7 @@ class HyperdProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError(f"hyperd did not stop within {timeout} s after signal {sig}:\n{self.log()}")
+            raise AssertionError(f"hyperd did not stop within {timeout} s after signal {sig}:\n{self.log()}") from None
 
     def kill(self) -> int:
         """SIGKILL the daemon (a crash): its socket and lock file stay behind."""

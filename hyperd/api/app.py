@@ -21,7 +21,8 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import MethodNotAllowed, NotFound as RouteNotFound
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
 
 from hyperd.api.params import arg, bool_arg, int_arg, json_arg, json_body
 from hyperd.daemon import LIST_ITEMS
@@ -190,7 +191,9 @@ class HyperAPI:
 
 
 # Route modules register on HyperAPI.app when imported.
-from hyperd.api import pods  # noqa: E402,F401
-from hyperd.api import streams  # noqa: E402,F401
-from hyperd.api import images  # noqa: E402,F401
-from hyperd.api import network  # noqa: E402,F401
+from hyperd.api import (  # noqa: E402
+    images,  # noqa: E402,F401
+    network,  # noqa: E402,F401
+    pods,  # noqa: E402,F401
+    streams,  # noqa: E402,F401
+)

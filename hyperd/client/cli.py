@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Command modules register their subcommands when imported.
-from hyperd.client import images  # noqa: E402,F401
-from hyperd.client import stream_commands  # noqa: E402,F401
-from hyperd.client import pod_commands  # noqa: E402,F401
-from hyperd.client import net_commands  # noqa: E402,F401
+from hyperd.client import (  # noqa: E402
+    images,  # noqa: E402,F401
+    net_commands,  # noqa: E402,F401
+    pod_commands,  # noqa: E402,F401
+    stream_commands,  # noqa: E402,F401
+)

@@ -28,10 +28,12 @@ from collections.abc import Callable, Iterable
 from typing import BinaryIO
 
 import attrs
+from zope.interface import implementer
 
 from hyperd.errors import BadParameter, Conflict, NotFound
 from hyperd.image.reference import Reference, parse_reference
 from hyperd.image.unpack import apply_layer
+from hyperd.interfaces import IImageStore
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 MANIFEST_TYPES = (
@@ -135,6 +137,7 @@ class BlobWriter:
             pass
 
 
+@implementer(IImageStore)
 class ImageStore:
     def __init__(self, root: str):
         self.root = root

@@ -247,7 +247,7 @@ class Sandbox:
                     log.info("{pod}: kill {name}: {e}", pod=self.pod.id, name=plan.spec.name, e=e)
             waits = [observe(self._exited[p.container_id]) for p in running if p.container_id in self._exited]
             done = defer.DeferredList(waits, consumeErrors=True)
-            timeout = self._reactor.callLater(grace, lambda: done.called or done.cancel())
+            timeout = self._reactor.callLater(grace, lambda d=done: d.called or d.cancel())
             try:
                 await done
             except defer.CancelledError:

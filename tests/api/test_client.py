@@ -1,6 +1,5 @@
 """hyperd.client and hyperctl against a real daemon."""
 
-import json
 import os
 import subprocess
 import sys

@@ -91,7 +91,8 @@ def test_whiteouts_and_opaque_directories_are_honoured(root):
     rootfs = os.path.join(root, "r")
     os.mkdir(rootfs)
     apply_layer(rootfs, layer(entry("a", tarfile.DIRTYPE, mode=0o755), entry("a/one", data=b"1"),
-                              entry("b", tarfile.DIRTYPE, mode=0o755), entry("b/two", data=b"2"), entry("c", data=b"3")))
+                              entry("b", tarfile.DIRTYPE, mode=0o755), entry("b/two", data=b"2"),
+                              entry("c", data=b"3")))
     apply_layer(rootfs, layer(entry("a/.wh..wh..opq"), entry("a/new", data=b"n"), entry(".wh.c"),
                               entry("b/.wh.two")))
     assert sorted(os.listdir(rootfs)) == ["a", "b"]
