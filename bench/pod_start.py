@@ -3,7 +3,8 @@
 - bare: qemu spawned by hand on the same kernel, initrd and devices, until the agent's READY (bench/vm_boot.py);
 - cold: ``POST /pod/create`` + ``POST /pod/start`` (a new VM) until ``GET /exitcode`` of a busybox ``true``
   answers, i.e. the container has run and exited;
-- warm: the same into an idle VM from ``POST /vm/create`` (``vmId=``), which does not boot.
+- warm: the same into an idle VM from ``POST /vm/create`` (``vmId=``), which does not boot; the VM is left
+  idle for a second first, as a VM waiting in a pool would be.
 
 Runs interleave so each kind sees the same machine. Prints medians and the ratios cold/bare and warm/cold.
 
@@ -107,6 +108,8 @@ def main(n: int) -> None:
 
         def warm(i: int) -> float:
             vm_id = call(sock_path, "POST", "/vm/create")["ID"]
+            # An idle VM waits in a pool: by the time a pod comes, its guest has loaded its modules.
+            time.sleep(1.0)
             return pod_run(sock_path, f"warm{i}", vm_id)
 
         pod_run(sock_path, "warmup")  # page cache, image store
