@@ -98,6 +98,8 @@ class ProcessStream(HijackSession):
         self._forward(data)
 
     def _forward(self, data: bytes) -> None:
+        if not data:
+            return  # e.g. a lone ctrl-p held back: nothing to send, and stdin is still open
         try:
             if not self.subscription.write_input(data):
                 self._input_done = True

@@ -134,3 +134,18 @@ def test_logs_follow_streams_until_the_container_exits(vm_daemon, tools):
     lines = tools.joined(tools.demux(tools.unchunk(body)), 1)
     assert lines == b"".join(b"line%d\n" % i for i in range(1, 7))
     assert api.ok("GET", "/exitcode", {"container": "slow"}) == 0
+
+
+def test_detach_keys_split_across_reads_still_detach(vm_daemon, hijack):
+    """ctrl-p in one read, ctrl-q in the next: the held-back ctrl-p must not end the client's stdin."""
+    import time
+
+    vm_daemon.api.run_pod("split", ["sh"], tty=True)
+    stream = hijack(vm_daemon, "/attach", {"container": "split"})
+    stream.send(b"echo $((3*5))\r")
+    stream.read_until(b"15", timeout=20)
+    stream.send(b"\x10")
+    time.sleep(0.3)  # so the daemon reads ctrl-p on its own
+    stream.send(b"\x11")
+    stream.read_all(timeout=10)
+    assert vm_daemon.api.container_status("split") == "running"
