@@ -26,7 +26,7 @@ fi
 shown=$(.venv/bin/pip show hyperd 2>/dev/null || true)
 if grep -q '^Editable project location:' <<<"$shown"; then
     # a developer's editable install: keep it editable (a plain install would shadow the working tree)
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
 else
     .venv/bin/pip install -q '.[test]'
 fi
