@@ -241,3 +241,45 @@ def hyperd_client(hyperd):
         yield client
     finally:
         pytest_twisted.blockon(defer.ensureDeferred(client.close()))
+
+
+# --- daemons booting real VMs ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def guest_files():
+    """The guest kernel and initrd, built once per session (every VM of the tests boots them)."""
+    from hyperd.guest.initrd import build_guest
+
+    root = tempfile.mkdtemp(prefix="hdg", dir="/tmp")
+    try:
+        yield build_guest(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def vm_daemon(hyperd_factory, guest_files):
+    """A started hyperd whose VMs boot the session's guest; ``.api`` makes JSON calls to it."""
+    from tests.support import Api
+
+    h = hyperd_factory(extra_args=["--kernel", guest_files.kernel, "--initrd", guest_files.initrd])
+    h.start()
+    h.api = Api(h)
+    return h
+
+
+@pytest.fixture
+def make_api():
+    """``make_api(daemon) -> Api``, for daemons made with ``hyperd_factory``."""
+    from tests.support import Api
+
+    return Api
+
+
+@pytest.fixture
+def qemu_pids():
+    """``qemu_pids(path)``: the qemu processes whose command line mentions ``path``."""
+    from tests.support import qemu_pids
+
+    return qemu_pids

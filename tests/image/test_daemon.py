@@ -11,17 +11,8 @@ import pytest
 
 from hyperd.image.builtin import busybox_layer
 from tests.image.conftest import image_manifest, tar_layer, write_layout
-from tests.pod.conftest import Api, guest_files  # noqa: F401 - the session's guest kernel and initrd
 
 pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture
-def vm_daemon(hyperd_factory, guest_files):  # noqa: F811 - the imported fixture
-    h = hyperd_factory(extra_args=["--kernel", guest_files.kernel, "--initrd", guest_files.initrd])
-    h.start()
-    h.api = Api(h)
-    return h
 
 
 def _lines(body: bytes) -> list[dict]:

@@ -1,6 +1,6 @@
 """Fixtures for the network tests: real daemons booting real VMs (TCG), httpd pods, network namespaces.
 
-``guest_files`` and ``Api`` follow tests/pod/conftest.py (one guest built per session). ``netns`` makes a
+``guest_files``, ``vm_daemon`` and ``Api`` are shared (tests/conftest.py, tests/support.py). ``netns`` makes a
 network namespace for one test and deletes it afterwards, whatever happened, with every process still in it.
 No test here sends traffic anywhere but loopback or a namespace it made.
 """
@@ -10,65 +10,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-import urllib.parse
 
 import pytest
 
-WWW_SCRIPT = ("mkdir -p /www && echo hello from {name} > /www/index.html && "
-              "dd if=/dev/zero of=/www/big bs=1M count={big_mb} 2>/dev/null; exec httpd -f -p {port} -h /www")
-
-
-@pytest.fixture(scope="session")
-def guest_files():
-    from hyperd.guest.initrd import build_guest
-
-    root = tempfile.mkdtemp(prefix="hdg", dir="/tmp")
-    try:
-        yield build_guest(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-class Api:
-    """JSON calls to one daemon over its real socket."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-
-    def call(self, method: str, path: str, params: dict | None = None, body=None):
-        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
-        data = json.dumps(body).encode() if body is not None else b""
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        status, _, content = self.daemon.request(method, target, headers=headers, body=data)
-        try:
-            return status, json.loads(content)
-        except ValueError:
-            return status, content.decode(errors="replace")
-
-    def ok(self, method: str, path: str, params: dict | None = None, body=None):
-        status, reply = self.call(method, path, params, body)
-        assert status in (200, 201, 204), f"{method} {path} {params}: {status} {reply}\n{self.daemon.log()[-3000:]}"
-        return reply
-
-    def pod_status(self, pod_id: str) -> str:
-        pods = [s.split(":") for s in self.ok("GET", "/list", {"item": "pod"})["podData"]]
-        return {p[0]: p[3] for p in pods}[pod_id]
-
-    def httpd_pod(self, name: str, portmappings=(), port: int = 80, big_mb: int = 0, **extra) -> str:
-        """Create a pod whose one container serves /www (index.html and a ``big_mb`` MB file) with busybox httpd."""
-        spec = {"id": name, "containers": [{"name": f"{name}-web", "image": "busybox", "command": [
-            "sh", "-c", WWW_SCRIPT.format(name=name, port=port, big_mb=big_mb)]}],
-            "portmappings": list(portmappings), **extra}
-        return self.ok("POST", "/pod/create", body=spec)["ID"]
-
-    def mappings(self, pod_id: str) -> list[dict]:
-        return self.ok("GET", f"/pod/{pod_id}/portmappings")["portMappings"]
+from tests.support import WWW_SCRIPT  # noqa: E402,F401  (re-exported for the tests here)
 
 
 def http_get(host: str, port: int, path: str = "/", timeout: float = 30.0, retry_for: float = 30.0) -> bytes:
@@ -114,15 +63,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def vm_daemon(hyperd_factory, guest_files):
-    """A started hyperd (user-mode networking) whose VMs boot the session's guest."""
-    h = hyperd_factory(extra_args=["--kernel", guest_files.kernel, "--initrd", guest_files.initrd])
-    h.start()
-    h.api = Api(h)
-    return h
 
 
 def _netns_pids(name: str) -> list[int]:

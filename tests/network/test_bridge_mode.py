@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.network.conftest import Api, run_in_pod
+from tests.network.conftest import run_in_pod
+from tests.support import Api
 
 BRIDGE = "hdbr0"
 SUBNET = "192.168.150"

@@ -1,78 +1,19 @@
 """Fixtures for the stream tests: a real daemon booting real VMs (TCG), pods to exec into, raw socket helpers.
 
-``vm_daemon`` comes from tests/pod/conftest.py's pattern (one guest built per session); ``pod`` starts a
+``vm_daemon`` comes from tests/conftest.py (one guest built per session); ``pod`` starts a
 pod whose single container runs a given command and waits until it runs; ``hijack`` opens a raw hijacked
 stream with the standard library, so the server is tested without our own client in the way.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import time
 import urllib.parse
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def guest_files():
-    from hyperd.guest.initrd import build_guest
-
-    root = tempfile.mkdtemp(prefix="hdg", dir="/tmp")
-    try:
-        yield build_guest(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-class Api:
-    """JSON calls to one daemon over its real socket."""
-
-    def __init__(self, daemon):
-        self.daemon = daemon
-
-    def call(self, method: str, path: str, params: dict | None = None, body=None):
-        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
-        data = json.dumps(body).encode() if body is not None else b""
-        headers = {"Content-Type": "application/json"} if body is not None else {}
-        status, _, content = self.daemon.request(method, target, headers=headers, body=data)
-        try:
-            return status, json.loads(content)
-        except ValueError:
-            return status, content.decode(errors="replace")
-
-    def ok(self, method: str, path: str, params: dict | None = None, body=None):
-        status, reply = self.call(method, path, params, body)
-        assert status in (200, 201, 204), f"{method} {path} {params}: {status} {reply}\n{self.daemon.log()[-3000:]}"
-        return reply
-
-    def container_status(self, name: str) -> str:
-        rows = [s.split(":") for s in self.ok("GET", "/list", {"item": "container"})["cData"]]
-        return {r[1]: r[3] for r in rows}[name]
-
-    def run_pod(self, name: str, command: list[str], tty: bool = False, extra: dict | None = None) -> str:
-        container = {"name": name, "image": "busybox", "command": command, "tty": tty}
-        container.update(extra or {})
-        pod_id = self.ok("POST", "/pod/create", body={"id": f"{name}-pod", "containers": [container]})["ID"]
-        self.ok("POST", "/pod/start", {"podId": pod_id})
-        return pod_id
-
-    def exec_create(self, container: str, command: list[str], tty: bool = False) -> str:
-        return self.ok("POST", "/exec/create", {"container": container, "command": json.dumps(command),
-                                                "tty": "yes" if tty else "no"})
-
-
-@pytest.fixture
-def vm_daemon(hyperd_factory, guest_files):
-    h = hyperd_factory(extra_args=["--kernel", guest_files.kernel, "--initrd", guest_files.initrd])
-    h.start()
-    h.api = Api(h)
-    return h
 
 
 class RawStream:
