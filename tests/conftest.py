@@ -61,11 +61,11 @@ def http_request(path: str, method: str, target: str, headers: dict[str, str] | 
         k, _, v = line.partition(":")
         out[k.strip().lower()] = v.strip()
     if out.get("transfer-encoding") == "chunked":
-        content = _unchunk(content)
+        content = unchunk(content)
     return status, out, content
 
 
-def _unchunk(data: bytes) -> bytes:
+def unchunk(data: bytes) -> bytes:
     out = b""
     while data:
         size_line, _, data = data.partition(b"\r\n")

@@ -15,6 +15,8 @@ import urllib.parse
 
 import pytest
 
+from tests.conftest import unchunk  # noqa: F401  (one decoder of chunked bodies, offered through Tools)
+
 
 class RawStream:
     """A hijacked stream over a plain socket: the head parsed, the bytes after it kept."""
@@ -121,18 +123,6 @@ def daemon_rss_kb(daemon) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += data[:size]
-        data = data[size + 2:]
-    return out
 
 
 class Tools:

@@ -40,15 +40,9 @@ import pytest_twisted  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def guest():
-    """The guest kernel and initrd, built once per session into a temp root (removed afterwards)."""
-    from hyperd.guest.initrd import build_guest
-
-    root = tempfile.mkdtemp(prefix="hdg", dir="/tmp")
-    try:
-        yield build_guest(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def guest(guest_files):
+    """The guest kernel and initrd (tests/conftest.py builds them once per session)."""
+    return guest_files
 
 
 @pytest.fixture
