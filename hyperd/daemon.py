@@ -33,8 +33,8 @@ from hyperd.image.service import ImageService
 from hyperd.image.store import ImageStore
 from hyperd.network import make_network
 from hyperd.pod.execs import ExecManager
-from hyperd.pod.sandbox import ContainerPlan, Sandbox
-from hyperd.pod.spec import container_document, parse_container, parse_pod
+from hyperd.pod.sandbox import ContainerPlan, Sandbox, rfc3339
+from hyperd.pod.spec import check_references, container_document, parse_container, parse_pod
 from hyperd.state import StateStore
 from hyperd.vm import VM, VMConfig, new_vm_id, probe_accel
 
@@ -51,7 +51,6 @@ BOOT_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 
 # hyperd's result codes (reference/hyperd.md §1.2).
-E_OK = 0
 E_VM_SHUTDOWN = 2
 E_POD_STOPPED = 4
 
@@ -715,24 +714,21 @@ class Daemon(Service):
             await sandbox.signal(plan, sig)
 
     async def pause_pod(self, pod_id: str) -> None:
-        await self._ready()
-        record = self._pod_record(pod_id)
-        async with _locked(self._lock(record.pod_id)):
-            sandbox = self._sandboxes.get(record.pod_id)
-            if sandbox is None or record.status != "running":
-                raise Conflict(f"conflict: pod {record.pod_id} is {record.status}, not running")
-            await sandbox.vm.pause()
-            self._set_pod(record.pod_id, "paused")
+        await self._pause(pod_id, "running", "paused")
 
     async def unpause_pod(self, pod_id: str) -> None:
+        await self._pause(pod_id, "paused", "running")
+
+    async def _pause(self, pod_id: str, before: str, after: str) -> None:
+        """Freeze (QMP stop) or thaw (cont) the pod's VM, moving the pod from ``before`` to ``after``."""
         await self._ready()
         record = self._pod_record(pod_id)
         async with _locked(self._lock(record.pod_id)):
             sandbox = self._sandboxes.get(record.pod_id)
-            if sandbox is None or record.status != "paused":
-                raise Conflict(f"conflict: pod {record.pod_id} is {record.status}, not paused")
-            await sandbox.vm.resume()
-            self._set_pod(record.pod_id, "running")
+            if sandbox is None or record.status != before:
+                raise Conflict(f"conflict: pod {record.pod_id} is {record.status}, not {before}")
+            await (sandbox.vm.pause() if after == "paused" else sandbox.vm.resume())
+            self._set_pod(record.pod_id, after)
 
     async def create_container(self, pod_id: str, document: dict) -> str:
         """Add a container to a pod; it starts with the pod, or with /container/start if the pod runs."""
@@ -744,15 +740,8 @@ class Daemon(Service):
             if self.state.find_container(spec.name):
                 raise Conflict(f"conflict: a container named {spec.name} exists already")
             pod = parse_pod(record.spec, pod_id=record.pod_id)
-            names = {v.name for v in pod.volumes}
-            for j, v in enumerate(spec.volumes):
-                if v.detail is None and v.volume not in names:
-                    raise BadParameter(f"volumes[{j}].volume: no pod volume named {v.volume!r}")
+            check_references(spec, pod.volumes, pod.files)
             _check_volumes([v.detail for v in spec.volumes if v.detail], "volumes.detail")
-            files = {f.name for f in pod.files}
-            for j, f in enumerate(spec.files):
-                if f.detail is None and f.filename not in files:
-                    raise BadParameter(f"files[{j}].filename: no pod file named {f.filename!r}")
             image = self.images.lookup(spec.image)
             container_id = new_container_id()
             self.state.put_container(container_id, record.pod_id, spec.name, image.id, "pending",
@@ -834,9 +823,7 @@ def _check_volumes(volumes, path: str) -> None:
 
 
 def _rfc3339(ts: float | None) -> str:
-    if not ts:
-        return ""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return rfc3339(ts, nanoseconds=False) if ts else ""
 
 
 def _container_json(plan: ContainerPlan) -> dict[str, Any]:

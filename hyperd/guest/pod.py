@@ -158,14 +158,18 @@ def _rmtree(path: str) -> None:
         pass
 
 
-def _passwd_lookup(name: str, path: str = "/etc/passwd"):
-    """``(uid, gid, home)`` for a user name or number, from the (already chrooted) passwd file."""
+def _db_lines(path: str) -> list:
+    """The lines of a passwd-style file; none if it is missing."""
     try:
         with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
+            return f.read().decode("utf-8", "replace").splitlines()
     except OSError:
-        lines = []
-    for line in lines:
+        return []
+
+
+def _passwd_lookup(name: str, path: str = "/etc/passwd"):
+    """``(uid, gid, home)`` for a user name or number, from the (already chrooted) passwd file."""
+    for line in _db_lines(path):
         fields = line.split(":")
         if len(fields) >= 7 and (fields[0] == name or fields[2] == name):
             return int(fields[2]), int(fields[3]), fields[5]
@@ -175,12 +179,7 @@ def _passwd_lookup(name: str, path: str = "/etc/passwd"):
 
 
 def _group_lookup(name: str, path: str = "/etc/group") -> int:
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
+    for line in _db_lines(path):
         fields = line.split(":")
         if len(fields) >= 3 and (fields[0] == name or fields[2] == name):
             return int(fields[2])

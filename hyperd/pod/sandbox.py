@@ -44,8 +44,10 @@ class ContainerPlan:
     finished: float | None = None
 
 
-def rfc3339(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + ".%09dZ" % int((ts % 1) * 1e9)
+def rfc3339(ts: float, nanoseconds: bool = True) -> str:
+    """RFC 3339 in UTC; with ``nanoseconds`` as Docker's logs write it (RFC3339Nano)."""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts))
+    return seconds + (".%09dZ" % int((ts % 1) * 1e9) if nanoseconds else "Z")
 
 
 class JSONFileLog:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import attrs
 
 from hyperd.errors import BadParameter
+from hyperd.schema import wrap
 
 DEFAULT_VCPU = 1
 DEFAULT_MEMORY = 128
@@ -36,16 +37,14 @@ class _Fields:
         if not isinstance(value, dict):
             raise BadParameter(f"{path or 'pod'}: must be an object, not {_kind(value)}")
         self.path = path
-        self._values = {}
-        for key, item in value.items():
-            # Go keeps the last of two keys that differ only in case; so do we.
-            self._values[str(key).lower()] = item
+        # The API's open-schema reader: keys match case-insensitively, the last spelling wins (as in Go).
+        self._values = wrap(value)
 
     def at(self, name: str) -> str:
         return f"{self.path}.{name}" if self.path else name
 
     def raw(self, name: str) -> Any:
-        return self._values.get(name.lower())
+        return self._values.get(name)
 
     def str(self, name: str, default: str = "", choices: tuple = ()) -> str:
         value = self.raw(name)
@@ -388,6 +387,18 @@ def _hostname(name: str, path: str) -> str:
     return name
 
 
+def check_references(container: UserContainer, volumes, files, path: str = "") -> None:
+    """Every volume and file the container maps is the pod's (by name) or carries its own ``detail``."""
+    volume_names = {v.name for v in volumes}
+    file_names = {f.name for f in files}
+    for j, v in enumerate(container.volumes):
+        if v.detail is None and v.volume not in volume_names:
+            raise BadParameter(f"{path}volumes[{j}].volume: no pod volume named {v.volume!r}")
+    for j, cf in enumerate(container.files):
+        if cf.detail is None and cf.filename not in file_names:
+            raise BadParameter(f"{path}files[{j}].filename: no pod file named {cf.filename!r}")
+
+
 def default_container_name(pod_id: str, image: str, index: int) -> str:
     """hyperd's default container name, ``<pod>-<image>-<idx>``, with characters unfit for a name replaced."""
     return _NAME_UNSAFE.sub("-", f"{pod_id}-{image}-{index}")
@@ -458,15 +469,8 @@ def parse_pod(document: dict | str | bytes, pod_id: str = "") -> UserPod:
     _unique(volumes, lambda v: v.name, "volumes", "volume name")
     files = f.objects("files", _file)
     _unique(files, lambda v: v.name, "files", "file name")
-    volume_names = {v.name for v in volumes}
-    file_names = {v.name for v in files}
     for i, c in enumerate(containers):
-        for j, v in enumerate(c.volumes):
-            if v.detail is None and v.volume not in volume_names:
-                raise BadParameter(f"containers[{i}].volumes[{j}].volume: no pod volume named {v.volume!r}")
-        for j, cf in enumerate(c.files):
-            if cf.detail is None and cf.filename not in file_names:
-                raise BadParameter(f"containers[{i}].files[{j}].filename: no pod file named {cf.filename!r}")
+        check_references(c, volumes, files, f"containers[{i}].")
     dns = f.strings("dns")
     for i, server in enumerate(dns):
         _ip(server, f"dns[{i}]")

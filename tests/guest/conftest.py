@@ -134,36 +134,36 @@ class GuestVM:
     def send_raw(self, data):
         self.ctl.sendall(data)
 
-    def recv_ctl(self, timeout=30.0):
-        """The next control frame other than NEXT and PROCESSASYNCEVENT (those are recorded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            frame = self._pop_ctl()
-            if frame is not None:
-                return frame
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no control frame; console:\n" + self.console_text()[-3000:])
-            self.ctl.settimeout(remaining)
-            try:
-                data = self.ctl.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                raise ChannelClosed("control channel closed")
-            self._pending_ctl += self.ctl_decoder.feed(data)
-
-    def _pop_ctl(self):
-        pending = self._pending_ctl
-        while pending:
-            code, payload = pending.pop(0)
+    def _read_ctl(self, timeout):
+        """One read of the control channel: NEXT values and PROCESSASYNCEVENTs are recorded, other frames
+        queued for ``recv_ctl``. Returns quietly when nothing came within ``timeout``."""
+        self.ctl.settimeout(timeout)
+        try:
+            data = self.ctl.recv(65536)
+        except socket.timeout:
+            return
+        if not data:
+            raise ChannelClosed("control channel closed")
+        for code, payload in self.ctl_decoder.feed(data):
             if code == codec.NEXT:
                 self.nexts.append(codec.decode_u32(payload))
             elif code == codec.PROCESSASYNCEVENT:
                 self.events.append(json.loads(payload))
             else:
-                return code, payload
-        return None
+                self._pending_ctl.append((code, payload))
+
+    def _remaining(self, deadline, what):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("%s; console:\n%s" % (what, self.console_text()[-3000:]))
+        return remaining
+
+    def recv_ctl(self, timeout=30.0):
+        """The next control frame other than NEXT and PROCESSASYNCEVENT (those are recorded)."""
+        deadline = time.monotonic() + timeout
+        while not self._pending_ctl:
+            self._read_ctl(self._remaining(deadline, "no control frame"))
+        return self._pending_ctl.pop(0)
 
     def command(self, code, payload=b"", timeout=30.0):
         """Send one command the way the host does (≤512-byte chunks, each waiting for NEXT) → (code, payload)."""
@@ -180,24 +180,7 @@ class GuestVM:
     def _wait_next(self, total, timeout):
         deadline = time.monotonic() + timeout
         while sum(self.nexts) < total:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("NEXT did not reach %d (got %r)" % (total, self.nexts))
-            self.ctl.settimeout(remaining)
-            try:
-                data = self.ctl.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                raise ChannelClosed("control channel closed")
-            frames = self.ctl_decoder.feed(data)
-            keep = []
-            for code, body in frames:
-                if code == codec.NEXT:
-                    self.nexts.append(codec.decode_u32(body))
-                else:
-                    keep.append((code, body))
-            self._pending_ctl += keep
+            self._read_ctl(self._remaining(deadline, "NEXT did not reach %d (got %r)" % (total, self.nexts)))
 
     def ok(self, code, payload=b"", timeout=30.0):
         reply, body = self.command(code, payload, timeout)
@@ -211,21 +194,9 @@ class GuestVM:
                 if event.get("container") == container and event.get("process") == process:
                     self.events.remove(event)
                     return event
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("no event for %s/%s; console:\n%s"
-                                   % (container, process, self.console_text()[-3000:]))
-            self.ctl.settimeout(min(remaining, 0.5))
-            try:
-                data = self.ctl.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                raise ChannelClosed("control channel closed")
-            self._pending_ctl += self.ctl_decoder.feed(data)
-            frame = self._pop_ctl()
-            if frame is not None:
-                raise AssertionError("unexpected control frame %r" % (frame,))
+            if self._pending_ctl:
+                raise AssertionError("unexpected control frame %r" % (self._pending_ctl[0],))
+            self._read_ctl(min(self._remaining(deadline, "no event for %s/%s" % (container, process)), 0.5))
 
     # ---- stream channel ----
 
