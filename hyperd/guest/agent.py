@@ -38,6 +38,15 @@ _POLLERR = select.POLLERR
 _POLLNVAL = select.POLLNVAL
 
 
+#: ``HYPERD_DEBUG=1`` on the kernel command line logs, with the guest's uptime, how long each command and each
+#: piece of idle work (kernel module loads) took.
+DEBUG = bool(os.environ.get("HYPERD_DEBUG"))
+
+
+def uptime() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class CommandError(Exception):
     """A command that cannot be done: its message goes back to the host in an ERROR reply."""
 
@@ -200,7 +209,10 @@ class Agent:
                 del self.retired_seqs[next(iter(self.retired_seqs))]
 
     def require_deferred(self, until=None) -> None:
-        """Run the pending idle work now: all of it, or up to and including the task named ``until``."""
+        """Run the pending idle work now: all of it, or up to and including the task named ``until`` (nothing
+        when that one has run already)."""
+        if until is not None and all(name != until for name, _ in self.deferred):
+            return
         while self.deferred:
             name = self.deferred[0][0]
             self._run_deferred_one()
@@ -398,6 +410,7 @@ class Agent:
             what = "unsupported command %s (%d)" % (name, code) if name else "unknown command code %d" % code
             self.send_ctl(codec.ERROR, what.encode())
             return
+        started = uptime() if DEBUG else 0.0
         try:
             result = handler(payload)
         except CommandError as e:
@@ -407,6 +420,8 @@ class Agent:
             self.send_ctl(codec.ERROR, ("%s: %s" % (type(e).__name__, e)).encode("utf-8", "replace"))
         else:
             self.send_ctl(codec.ACK, result or b"")
+        if DEBUG:
+            log("%s at %.3f s took %.3f s" % (codec.CODE_NAMES.get(code, code), started, uptime() - started))
 
     def _stream_readable(self) -> None:
         data = self._read_port(self.stream)
@@ -451,10 +466,13 @@ class Agent:
 
     def _run_deferred_one(self) -> None:
         name, task = self.deferred.popleft()
+        started = uptime() if DEBUG else 0.0
         try:
             task()
         except Exception as e:
             log("deferred %s: %s" % (name, describe_exception(e)))
+        if DEBUG:
+            log("idle work %s at %.3f s took %.3f s" % (name, started, uptime() - started))
 
 
 def _ignore_signal(signum, frame) -> None:

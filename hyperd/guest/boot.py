@@ -101,10 +101,11 @@ def main() -> None:
         stream = open_port(ports[codec.STREAM_CHANNEL]) if codec.STREAM_CHANNEL in ports else None
         if stream is None:
             log("stream port %s not found; running without it" % codec.STREAM_CHANNEL)
-        # After READY, while the agent is idle: the loopback up, then the other kernel modules.
+        # After READY, while the agent is idle: the loopback up, the other kernel modules, then (if no pod has
+        # come yet) the 9p shares mounted.
         idle = [("lo", net.loopback_up)] + [(name, _loader(name)) for name in modules.DEFERRED]
         agent = Agent(ctl, stream, deferred_loads=idle)
-        pod.install(agent)
+        agent.deferred.append(("shares", pod.install(agent).premount_shares))
         net.install(agent)
         stage("ports")
         agent.send_ready()

@@ -30,6 +30,7 @@ DEFERRED = (
 )
 
 POD_NEEDS = "overlay"
+NIC_NEEDS = "virtio_net"
 
 ALL = SERIAL + DEFERRED
 

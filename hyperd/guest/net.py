@@ -12,6 +12,7 @@ import os
 import struct
 
 from hyperd.agent import codec
+from hyperd.guest import modules
 from hyperd.guest.agent import CommandError, decode_json
 
 BUSYBOX = "/bin/busybox"  # run as "ip": busybox picks the applet from argv[0]
@@ -188,7 +189,7 @@ class NetCommands:
             f.truncate()
 
     def cmd_setupinterface(self, payload: bytes) -> bytes:
-        self.agent.require_deferred()  # virtio_net
+        self.agent.require_deferred(until=modules.NIC_NEEDS)
         spec = decode_json(payload)
         device = find_device(spec)
         new_name = spec.get("newDeviceName") or device
@@ -226,7 +227,7 @@ class NetCommands:
         return b""
 
     def cmd_setuproute(self, payload: bytes) -> bytes:
-        self.agent.require_deferred()
+        self.agent.require_deferred(until=modules.NIC_NEEDS)
         spec = decode_json(payload)
         routes = spec.get("routes") or []
         if not isinstance(routes, list):

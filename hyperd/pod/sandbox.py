@@ -154,10 +154,15 @@ class Sandbox:
     async def start(self) -> None:
         """STARTPOD, then every container. Raises (AgentError, BadParameter) with nothing half-running."""
         self.prepare_share()
-        await self.vm.agent.request_json(codec.STARTPOD, payloads.startpod_payload(self.pod))
-        for plan in self.containers:
-            if plan.status == "pending":
-                await self.start_container(plan)
+        startpod = self.vm.agent.request_json(codec.STARTPOD, payloads.startpod_payload(self.pod))
+        # The NEWCONTAINERs follow STARTPOD at once rather than a round trip each later: the agent runs
+        # commands in order, and if STARTPOD fails they fail too ("STARTPOD first"); its error is the one raised.
+        starts = [defer.ensureDeferred(self.start_container(plan)) for plan in self.containers
+                  if plan.status == "pending"]
+        outcomes = await defer.DeferredList([startpod, *starts], consumeErrors=True)
+        for ok, result in outcomes:
+            if not ok:
+                result.raiseException()
 
     async def start_container(self, plan: ContainerPlan) -> None:
         plan.stdio = plan.stdio or self._allocate_seq()

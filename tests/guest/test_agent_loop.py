@@ -149,3 +149,30 @@ def test_destroypod_runs_hooks_then_acks_and_stops(harness):
     agent.run()  # returns once stopping
     assert calls == ["hook"]
     assert [f for f in read_frames(ctl) if f[0] != codec.NEXT] == [(codec.ACK, b"")]
+
+
+def test_idle_work_runs_one_task_per_idle_turn_and_on_demand_up_to_a_name(harness):
+    agent, _, _ = harness
+    ran = []
+    agent.deferred.extend((name, lambda name=name: ran.append(name)) for name in ("a", "b", "c", "d"))
+    agent.run_once(max_wait=0.05)  # nothing to read: one piece of idle work
+    assert ran == ["a"]
+    agent.require_deferred(until="c")  # a command that needs "c" runs what comes before it too
+    assert ran == ["a", "b", "c"]
+    agent.require_deferred(until="b")  # done already: nothing else is pulled forward
+    assert ran == ["a", "b", "c"]
+    agent.require_deferred()
+    assert ran == ["a", "b", "c", "d"]
+
+
+def test_failing_idle_work_is_logged_and_the_rest_still_runs(harness, capfd):
+    agent, _, _ = harness
+    ran = []
+
+    def broken():
+        raise ValueError("bad module")
+
+    agent.deferred.extend([("broken", broken), ("after", lambda: ran.append("after"))])
+    agent.require_deferred()
+    assert ran == ["after"]
+    assert "deferred broken: ValueError: bad module" in capfd.readouterr().err

@@ -300,6 +300,30 @@ def test_removecontainer_cleans_up(pod):
 
 
 @pytest.mark.timeout(120)
+def test_a_waiting_vm_mounts_the_shares_before_startpod(images_dir, boot_vm):
+    vm = boot_vm(images_dir=images_dir)
+    vm.wait_ready()
+    vm.ok(codec.PING)
+    out, err = new_seqs()
+    # Idle work runs between commands: by the time this exec runs, the modules are in and the shares mounted.
+    script = ("for i in $(seq 100); do grep -q ' /tmp/hyper/shared/images 9p ' /proc/mounts && break; sleep 0.05; "
+              "done; grep ' 9p ' /proc/mounts | cut -d' ' -f1,2,4")
+    vm.ok(codec.EXECCMD, {"container": "hyperstart", "process": {
+        "id": "mounts", "args": ["sh", "-c", script], "stdio": out, "stderr": err}})
+    status, text = finish(vm, "hyperstart", out, process="mounts")
+    mounts = {line.split()[1]: line.split() for line in text.decode().splitlines()}
+    assert status == 0
+    assert mounts["/tmp/hyper/shared"][0] == "share_dir"
+    assert mounts["/tmp/hyper/shared/images"][0] == "images"
+    assert "ro" in mounts["/tmp/hyper/shared/images"][2].split(",")
+    assert "loose" in mounts["/tmp/hyper/shared/images"][2].split(",")  # immutable: the guest may cache it
+    # STARTPOD finds them mounted and the pod runs as always.
+    vm.ok(codec.STARTPOD, {"hostname": "after-idle"})
+    cid, stdio, _ = run_container(vm, ["cat", "/etc/hostname"])
+    assert finish(vm, cid, stdio) == (0, b"after-idle\n")
+
+
+@pytest.mark.timeout(120)
 def test_destroypod_stops_the_vm(guest_files, images_dir, boot_vm):
     vm = boot_vm(images_dir=images_dir)
     vm.wait_ready()
