@@ -102,10 +102,11 @@ def main() -> None:
         if stream is None:
             log("stream port %s not found; running without it" % codec.STREAM_CHANNEL)
         # After READY, while the agent is idle: the loopback up, the other kernel modules, then (if no pod has
-        # come yet) the 9p shares mounted.
+        # come yet) the 9p shares mounted and the next pod's init process made.
         idle = [("lo", net.loopback_up)] + [(name, _loader(name)) for name in modules.DEFERRED]
         agent = Agent(ctl, stream, deferred_loads=idle)
-        agent.deferred.append(("shares", pod.install(agent).premount_shares))
+        pods = pod.install(agent)
+        agent.deferred.extend([("shares", pods.premount_shares), ("pod init", pods.prefork_pod_init)])
         net.install(agent)
         stage("ports")
         agent.send_ready()

@@ -11,6 +11,7 @@ Nothing heavy is imported at module level: this module loads before READY.
 """
 
 import _signal as signal
+import _socket
 import binascii
 import errno
 import fcntl
@@ -25,6 +26,7 @@ HYPER_DIR = "/tmp/hyper"
 SHARED_DIR = HYPER_DIR + "/shared"
 IMAGES_TAG = "images"
 DEFAULT_SHARE_TAG = "share_dir"
+DEFAULT_HOSTNAME = "hyper"
 SHM_DIR = HYPER_DIR + "/shm"
 NINEP_DRIVER = "/sys/bus/virtio/drivers/9pnet_virtio"
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,msize=512000"
@@ -271,12 +273,18 @@ class Pod:
         if not self.started:
             self._mount_shares(DEFAULT_SHARE_TAG)
 
+    def prefork_pod_init(self) -> None:
+        """Idle work: the next pod's init process (its pid, ipc and uts namespaces) made before STARTPOD;
+        STARTPOD then only names its host."""
+        if not self.started and not self.init_pid:
+            self._start_pod_init(DEFAULT_HOSTNAME)
+
     # ---- STARTPOD ----
 
     def cmd_startpod(self, payload: bytes) -> bytes:
         self.agent.require_deferred(until=modules.POD_NEEDS)  # 9p and overlay; not the NIC's
         spec = decode_json(payload)
-        hostname = _str(spec.get("hostname"), "hostname") or "hyper"
+        hostname = _str(spec.get("hostname"), "hostname") or DEFAULT_HOSTNAME
         if len(hostname) > 64:
             raise CommandError("hostname %r is longer than 64 characters" % hostname)
         dns = _strings(spec.get("dns"), "dns")
@@ -306,7 +314,10 @@ class Pod:
             except FileNotFoundError:
                 pass
         self.hostname = hostname
-        self._start_pod_init(hostname)
+        if self.init_pid and self.ns_fds:
+            self._set_pod_hostname(hostname)  # the init made while the VM waited: it becomes this pod's
+        else:
+            self._start_pod_init(hostname)
         self.started = True
         return b""
 
@@ -341,6 +352,7 @@ class Pod:
         """PID 1 of the pod's pid namespace, also holding its ipc and uts namespaces (like hyperstart)."""
         if self.own_pid_ns < 0:
             self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self._close_pod_namespaces()  # of an init that died
         ready_r, ready_w = os.pipe()
         linux.unshare(linux.CLONE_NEWPID)  # only our children go into the new pid namespace
         try:
@@ -351,6 +363,7 @@ class Pod:
         if pid == 0:
             _pod_init_main(hostname, ready_w)  # never returns
         linux.setns(self.own_pid_ns, linux.CLONE_NEWPID)
+        self.agent.watch_child(pid, _bind(self._pod_init_exited, pid))
         os.close(ready_w)
         try:
             ok = os.read(ready_r, 1)
@@ -359,13 +372,30 @@ class Pod:
         if ok != b"1":
             raise CommandError("the pod's init process failed to start")
         self.init_pid = pid
-        self.agent.watch_child(pid, self._pod_init_exited)
         for name in ("pid", "ipc", "uts"):
             self.ns_fds[name] = os.open("/proc/%d/ns/%s" % (pid, name), os.O_RDONLY | os.O_CLOEXEC)
 
-    def _pod_init_exited(self, status: int) -> None:
+    def _set_pod_hostname(self, hostname: str) -> None:
+        own = os.open("/proc/self/ns/uts", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(self.ns_fds["uts"], linux.CLONE_NEWUTS)
+            try:
+                _socket.sethostname(hostname)
+            finally:
+                linux.setns(own, linux.CLONE_NEWUTS)
+        finally:
+            os.close(own)
+
+    def _pod_init_exited(self, pid: int, status: int) -> None:
+        if pid != self.init_pid:
+            return  # an earlier pod's init, killed when that pod ended
         log("pod init exited (%d)" % exit_status(status))
         self.init_pid = 0
+
+    def _close_pod_namespaces(self) -> None:
+        for fd in self.ns_fds.values():
+            os.close(fd)
+        self.ns_fds = {}
 
     def _stop_pod(self) -> None:
         for container in list(self.containers.values()):
@@ -375,9 +405,8 @@ class Pod:
                 os.kill(self.init_pid, 9)
             except ProcessLookupError:
                 pass
-        for fd in self.ns_fds.values():
-            os.close(fd)
-        self.ns_fds = {}
+            self.init_pid = 0
+        self._close_pod_namespaces()
         self.started = False
 
     # ---- NEWCONTAINER ----
@@ -976,8 +1005,6 @@ def _pod_init_main(hostname: str, ready_w: int) -> None:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # orphans of the pod are reaped by the kernel
         linux.unshare(linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
-        import _socket
-
         _socket.sethostname(hostname)
         os.closerange(3, ready_w)
         os.closerange(ready_w + 1, 65536)

@@ -245,16 +245,22 @@ class Network:
                  "ipAddresses": [{"ipAddress": nic.address, "netMask": str(nic.prefix)}]}
         if nic.mtu:
             iface["mtu"] = nic.mtu
+        routes = {"routes": [{"dest": "0.0.0.0/0", "gateway": nic.gateway, "device": GUEST_DEVICE}]}
+        # The route goes out right behind the interface, not a round trip later (the agent runs them in order).
+        setup = vm.agent.request_json(codec.SETUPINTERFACE, iface)
+        route = vm.agent.request_json(codec.SETUPROUTE, routes)
         try:
-            await vm.agent.request_json(codec.SETUPINTERFACE, iface)
+            await setup
         except Exception as e:
+            route.addErrback(lambda _: None)  # it followed a failed SETUPINTERFACE: its outcome means nothing
             if "exists" not in str(e):
                 raise
             # The VM served a pod whose address was not cleared (a daemon that died mid-stop): clear, retry.
             await vm.agent.request_json(codec.DELETEINTERFACE, {"device": GUEST_DEVICE})
             await vm.agent.request_json(codec.SETUPINTERFACE, iface)
-        await vm.agent.request_json(codec.SETUPROUTE, {"routes": [
-            {"dest": "0.0.0.0/0", "gateway": nic.gateway, "device": GUEST_DEVICE}]})
+            await vm.agent.request_json(codec.SETUPROUTE, routes)
+            return
+        await route
 
     # --- port mappings ------------------------------------------------------------------------------------
 

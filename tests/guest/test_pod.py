@@ -317,10 +317,10 @@ def test_a_waiting_vm_mounts_the_shares_before_startpod(images_dir, boot_vm):
     assert mounts["/tmp/hyper/shared/images"][0] == "images"
     assert "ro" in mounts["/tmp/hyper/shared/images"][2].split(",")
     assert "loose" in mounts["/tmp/hyper/shared/images"][2].split(",")  # immutable: the guest may cache it
-    # STARTPOD finds them mounted and the pod runs as always.
+    # STARTPOD finds them mounted, and the pod's init made while idle, which takes the pod's hostname.
     vm.ok(codec.STARTPOD, {"hostname": "after-idle"})
-    cid, stdio, _ = run_container(vm, ["cat", "/etc/hostname"])
-    assert finish(vm, cid, stdio) == (0, b"after-idle\n")
+    cid, stdio, _ = run_container(vm, ["sh", "-c", "hostname; cat /etc/hostname; echo $$"])
+    assert finish(vm, cid, stdio) == (0, b"after-idle\nafter-idle\n2\n")  # the pod init is its PID 1
 
 
 @pytest.mark.timeout(120)
