@@ -14,19 +14,20 @@ SERIAL = (
 )
 
 #: Loaded after READY while the agent is idle, and at once by any command that needs them. virtio_rng comes
-#: first so that getrandom() in containers does not stall on the crng; STARTPOD waits for the modules up
-#: to POD_NEEDS (9p, overlay), not for the network ones after it.
+#: first so that getrandom() in containers does not stall on the crng; then the NIC's, which SETUPINTERFACE
+#: (the first command of a pod) waits for, then the 9p stack and overlay, which STARTPOD waits for: the
+#: round trips between the host's commands are then spent loading the next module.
 DEFERRED = (
     "virtio_rng",
+    "failover",
+    "net_failover",
+    "virtio_net",
     "9pnet",
     "9pnet_virtio",
     "netfs",
     "fscache",
     "9p",
     "overlay",
-    "failover",
-    "net_failover",
-    "virtio_net",
 )
 
 POD_NEEDS = "overlay"
