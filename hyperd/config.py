@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import grp
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,69 @@ NETWORKS = ("user", "bridge")
 #: so only the directory-based names make sense; the others are refused with a clear message.
 STORAGE_DRIVERS = ("overlay", "vfs")
 HYPERVISORS = ("qemu", "kvm")
+
+
+#: The most VMs one policy entry may keep (each is a qemu process with its guest's memory).
+MAX_CACHE = 64
+
+
+@attrs.frozen
+class CacheSpec:
+    """One entry of the policy: keep ``cache`` idle VMs of ``cpu`` vCPUs and ``memory`` MB."""
+
+    cache: int
+    cpu: int = 1
+    memory: int = 128
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.cpu, self.memory
+
+
+def _count(item: dict, key: str, default: int, low: int, high: int | None, index: int) -> int:
+    value = item.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"entry {index}: {key} must be a whole number, not {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"entry {index}: {key} must be {bound}, not {value}")
+    return value
+
+
+def parse_policy(text: str) -> tuple[tuple[CacheSpec, ...], tuple[str, ...]]:
+    """``VmFactoryPolicy`` → (the cache entries, warnings). Raises ValueError naming what is wrong.
+
+    Empty (or ``none``) means no factory. Keys match case-insensitively; unknown keys are warned about.
+    Entries of the same shape add up.
+    """
+    text = text.strip()
+    if not text or text.lower() == "none":
+        return (), ()
+    try:
+        items = json.loads("[" + text + "]")
+    except ValueError as e:
+        raise ValueError(f"not a comma-separated list of JSON objects ({e})") from None
+    warnings: list[str] = []
+    caches: dict[tuple[int, int], int] = {}
+    for index, raw in enumerate(items, 1):
+        if not isinstance(raw, dict):
+            raise ValueError(f"entry {index} is not a JSON object: {raw!r}")
+        item = {str(k).lower(): v for k, v in raw.items()}
+        for key in sorted(set(item) - {"cache", "cpu", "memory", "template"}):
+            warnings.append(f"VmFactoryPolicy entry {index}: unknown key {key!r} ignored")
+        if item.get("template"):
+            warnings.append(f"VmFactoryPolicy entry {index}: template VMs are not supported; "
+                            f"its VMs are booted ahead instead (cache)")
+        cache = _count(item, "cache", 1 if item.get("template") else 0, 0, MAX_CACHE, index)
+        cpu = _count(item, "cpu", 1, 1, None, index)
+        memory = _count(item, "memory", 128, 64, None, index)
+        if cache:
+            caches[(cpu, memory)] = min(MAX_CACHE, caches.get((cpu, memory), 0) + cache)
+    return tuple(CacheSpec(n, cpu, mem) for (cpu, mem), n in caches.items()), tuple(warnings)
+
+
+def format_policy(specs: tuple[CacheSpec, ...]) -> str:
+    return ",".join(json.dumps({"cache": s.cache, "cpu": s.cpu, "memory": s.memory}) for s in specs)
 
 
 class ConfigError(Exception):
@@ -56,6 +120,7 @@ class Config:
     pod_log_prefix: str | None = None  # None: <root>/logs (kept across reboots, unlike hyperd's /var/run)
     port_host_ip: str = "127.0.0.1"  # where user-mode port mappings listen on the host
     insecure_registries: tuple[str, ...] = ()  # registries pulled from over plain HTTP (host or host:port)
+    vm_factory_policy: tuple[CacheSpec, ...] = ()  # idle VMs booted ahead (hyperd's VmFactoryPolicy)
     warnings: tuple[str, ...] = ()  # unknown keys and ignored settings, for the log
 
     @property
@@ -191,6 +256,19 @@ def _registries(value: str) -> tuple[str, ...]:
     return items
 
 
+def _factory_policy(value: str) -> _Warned:
+    specs, warnings = parse_policy(value)
+    return _Warned(specs, warnings)
+
+
+@attrs.frozen
+class _Warned:
+    """A parsed value that comes with warnings for the log."""
+
+    value: Any
+    warnings: tuple[str, ...]
+
+
 #: INI key (lower-cased) -> (Config field, parser). ``None`` as field: known to hyperd, ignored by us.
 _KEYS: dict[str, tuple[str | None, Any]] = {
     "root": ("root", _abspath),
@@ -211,6 +289,7 @@ _KEYS: dict[str, tuple[str | None, Any]] = {
     "stopvmsonexit": ("stop_vms_on_exit", parse_bool),
     "insecureregistries": ("insecure_registries", _registries),
     "porthostip": ("port_host_ip", _host_ip),
+    "vmfactorypolicy": ("vm_factory_policy", _factory_policy),
     # hyperd's, accepted and ignored
     "bios": (None, str),
     "cbfs": (None, str),
@@ -218,7 +297,6 @@ _KEYS: dict[str, tuple[str | None, Any]] = {
     "storagebasesize": (None, str),
     "grpchost": (None, str),
     "enablevsock": (None, parse_bool),
-    "vmfactorypolicy": (None, str),
     "logger": (None, str),
     "gdbtcpport": (None, str),
     "buffergoroutinesmax": (None, str),
@@ -274,6 +352,9 @@ def read_config_file(path: str) -> tuple[dict[str, Any], list[str]]:
                 value = parse(raw)
             except ValueError as e:
                 raise ConfigError(f"{path}: bad value for {prefix}{key}: {e}") from None
+            if isinstance(value, _Warned):
+                warnings += [f"{path}: {w}" for w in value.warnings]
+                value = value.value
             if name is None:
                 warnings.append(f"{path}: {prefix}{key} is not used by this hyperd; ignored")
             else:

@@ -37,6 +37,7 @@ from hyperd.pod.sandbox import ContainerPlan, Sandbox, rfc3339
 from hyperd.pod.spec import check_references, container_document, parse_container, parse_pod
 from hyperd.state import StateStore
 from hyperd.vm import VM, VMConfig, new_vm_id, probe_accel
+from hyperd.vm.factory import VMFactory
 
 __all__ = ["Daemon", "LIST_ITEMS", "host_info"]
 
@@ -91,6 +92,8 @@ class VMEntry:
     vm: VM | None = None
     #: Stream sequence numbers are per VM and never reused (they survive a daemon restart in the record).
     next_seq: int = 1
+    #: Booted ahead by the VM factory (VmFactoryPolicy) and not yet taken by a pod.
+    pooled: bool = False
 
     def allocate_seq(self) -> int:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
@@ -180,6 +183,7 @@ class Daemon(Service):
         self._guest = None
         self._startup: defer.Deferred | None = None
         self._start_error: str | None = None
+        self.factory = VMFactory(reactor, self._factory_specs(), self._boot_for_factory, self._idle_vm)
 
     # --- service ------------------------------------------------------------------------------------
 
@@ -215,6 +219,7 @@ class Daemon(Service):
             self.accel = await probe_accel(self.reactor, "auto", self._guest.kernel)
         await self.network.start()
         await self._recover()
+        self.factory.start()
 
     async def ready(self) -> None:
         """Wait until the daemon has started (guest files, built-in image, recovered VMs)."""
@@ -232,7 +237,8 @@ class Daemon(Service):
         """Reattach to the VMs a previous daemon left running; fail the pods whose VM is gone."""
         for row in self.state.vms():
             record = row.record
-            entry = VMEntry(row.vm_id, row.status, row.pod_id, next_seq=int(record.get("next_seq", 1)))
+            entry = VMEntry(row.vm_id, row.status, row.pod_id, next_seq=int(record.get("next_seq", 1)),
+                            pooled=bool(record.get("pooled")))
             vm = None
             if record.get("pid"):
                 try:
@@ -245,8 +251,14 @@ class Daemon(Service):
                     self._fail_pod_rows(row.pod_id, f"its VM {row.vm_id} died while hyperd was down")
                 continue
             entry.vm = vm
-            self._vms[entry.vm_id] = entry
             vm.when_dead().addCallback(self._vm_died, entry)
+            if not entry.pod_id and entry.pooled and not self.factory.adopt(entry.vm_id, vm.config.cpu,
+                                                                            vm.config.mem):
+                # Booted ahead for a policy that no longer asks for it: nobody else wants it either.
+                self.log.info("{vm}: no longer in VmFactoryPolicy; stopping it", vm=entry.vm_id)
+                await self._stop_vm(entry)
+                continue
+            self._vms[entry.vm_id] = entry
             if entry.pod_id:
                 self._adopt_pod(entry)
         # Pods that were running without a recorded VM (e.g. mid-boot when the daemon died) are failed.
@@ -279,6 +291,7 @@ class Daemon(Service):
 
     async def _stop(self) -> None:
         """VMs outlive the daemon (a restarted one reattaches) unless the config says stop them."""
+        self.factory.stop()
         await self.image_service.close()
         for entry in list(self._vms.values()):
             if entry.vm is None:
@@ -377,6 +390,28 @@ class Daemon(Service):
         await d
         return entry.vm_id
 
+    def _factory_specs(self):
+        """The policy's entries this host can boot; the others are warned about and left out."""
+        specs = []
+        for spec in self.config.vm_factory_policy:
+            try:
+                self._check_resources(spec.cpu, spec.memory, "VmFactoryPolicy ")
+            except BadParameter as e:
+                self.log.warn("config: {e}; that entry is ignored", e=str(e).removeprefix("bad parameter: "))
+                continue
+            specs.append(spec)
+        return tuple(specs)
+
+    async def _boot_for_factory(self, cpu: int, mem: int) -> str:
+        entry = self._new_vm_entry()
+        entry.pooled = True
+        await self._boot(entry, cpu, mem)
+        return entry.vm_id
+
+    def _idle_vm(self, vm_id: str) -> bool:
+        entry = self._vms.get(vm_id)
+        return entry is not None and entry.status == "idle" and entry.vm is not None and not entry.vm.dead
+
     def _new_vm_entry(self, pod_id: str | None = None) -> VMEntry:
         entry = VMEntry(new_vm_id(), pod_id=pod_id)
         self._vms[entry.vm_id] = entry
@@ -405,6 +440,7 @@ class Daemon(Service):
     def _save_vm(self, entry: VMEntry) -> None:
         record = entry.vm.record() if entry.vm is not None else {}
         record["next_seq"] = entry.next_seq
+        record["pooled"] = entry.pooled
         self.state.put_vm(entry.vm_id, entry.pod_id, entry.status, record)
 
     def _vm_died(self, reason: str, entry: VMEntry) -> None:
@@ -412,6 +448,8 @@ class Daemon(Service):
         self._vms.pop(entry.vm_id, None)
         self.state.delete_vm(entry.vm_id)
         self.network.vm_died(entry.vm_id, entry.pod_id)
+        if entry.pooled:
+            self.factory.forget(entry.vm_id)
         if entry.status != "stopping":
             self.log.warn("{vm}: died: {reason}", vm=entry.vm_id, reason=reason)
         pod_id = entry.pod_id
@@ -504,10 +542,15 @@ class Daemon(Service):
 
     async def _start_pod_in_vm(self, record, pod, lease, vm_id: str | None) -> int:
         plans = self._plans(record.pod_id, fresh=True)
+        if not vm_id:
+            vm_id = self.factory.take(pod.vcpu, pod.memory)  # one booted ahead, if the policy keeps them
         if vm_id:
             entry = self._vm_entry(vm_id)
             if entry.status != "idle" or entry.vm is None:
                 raise Conflict(f"conflict: VM {vm_id} is {entry.status}, not idle")
+            if entry.pooled:
+                entry.pooled = False
+                self.factory.forget(vm_id)  # named by the caller rather than taken: the factory replaces it
             entry.status, entry.pod_id = "associated", record.pod_id
             self._save_vm(entry)
         else:

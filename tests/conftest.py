@@ -124,6 +124,9 @@ class HyperdProcess:
             try:
                 status, _, body = http_request(self.socket_path, "GET", "/_ping")
                 if status == 200 and body == b"OK":
+                    # A listing answers once start-up (guest files, recovery of the VMs left running) is
+                    # over, or has failed: tests then see the daemon as its clients will.
+                    http_request(self.socket_path, "GET", "/list?item=vm")
                     return
             except OSError:
                 pass

@@ -128,10 +128,11 @@ class HyperAPI:
         return json_reply(request, self.daemon.info())
 
     @app.route("/list", methods=["GET"])
-    def list_(self, request: IRequest) -> bytes:
+    async def list_(self, request: IRequest) -> bytes:
         item = arg(request, "item", default="pod")
         if item not in LIST_ITEMS:
             raise BadParameter(f"bad parameter: Can not support {item} list! (item is pod, container or vm)")
+        await self.daemon.ready()  # the VMs a previous daemon left are taken back (or not) first
         data = self.daemon.list_items(item, pod=arg(request, "pod", "podId"), vm=arg(request, "vm", "vmId"))
         return json_reply(request, {"item": item, LIST_ITEMS[item]: data})
 
