@@ -265,6 +265,7 @@ class Daemon(Service):
         for pod in self.state.pods():
             if pod.status in ("running", "pending") and pod.pod_id not in self._sandboxes and pod.vm_id:
                 self._fail_pod_rows(pod.pod_id, "hyperd stopped while the pod was starting")
+        self.execs.recover()
         await self.network.recover({p: (s.vm, s.pod) for p, s in self._sandboxes.items()}, set(self._vms))
 
     def _fail_pod_rows(self, pod_id: str, reason: str) -> None:
@@ -669,7 +670,8 @@ class Daemon(Service):
             if record.pod_id in self._sandboxes:
                 await self._stop_pod(record.pod_id, True)
             await self.network.release_pod(record.pod_id)
-            self.state.delete_pod(record.pod_id)
+            self.state.delete_pod(record.pod_id)  # its containers' and execs' rows too
+            self.execs.forget_pod(record.pod_id)
             shutil.rmtree(self._log_dir(record.pod_id), ignore_errors=True)
         self._locks.pop(record.pod_id, None)
 

@@ -91,6 +91,19 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (kind, key)
     );
     """,
+    # 1 -> 2: execs outlive a daemon restart
+    """
+    CREATE TABLE execs (
+        exec_id      TEXT PRIMARY KEY,
+        pod_id       TEXT NOT NULL,
+        container_id TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        exit_code    INTEGER,
+        record       TEXT NOT NULL DEFAULT '{}',
+        created      REAL NOT NULL
+    );
+    CREATE INDEX execs_by_pod ON execs (pod_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -126,6 +139,17 @@ class ContainerRecord:
     status: str
     exit_code: int | None
     record: dict
+
+
+@attrs.frozen
+class ExecRow:
+    exec_id: str
+    pod_id: str
+    container_id: str
+    status: str
+    exit_code: int | None
+    record: dict
+    created: float
 
 
 @attrs.frozen
@@ -324,8 +348,9 @@ class StateStore:
         return self._pod(rows[0]) if rows else None
 
     def delete_pod(self, pod_id: str) -> bool:
-        """Delete a pod and its containers, together."""
+        """Delete a pod, its containers and their execs, together."""
         with self.transaction():
+            self._write("DELETE FROM execs WHERE pod_id=?", (pod_id,))
             self._write("DELETE FROM containers WHERE pod_id=?", (pod_id,))
             return self._write("DELETE FROM pods WHERE pod_id=?", (pod_id,)).rowcount > 0
 
@@ -390,6 +415,30 @@ class StateStore:
             r["container_id"], r["pod_id"], r["name"], r["image"], r["status"], r["exit_code"],
             json.loads(r["record"]),
         )
+
+    # --- execs ----------------------------------------------------------------------------------------
+
+    def put_exec(self, exec_id: str, pod_id: str, container_id: str, status: str, exit_code: int | None = None,
+                 record: dict | None = None, created: float | None = None) -> None:
+        """Insert or replace an exec (a process started in a running container, or in its VM)."""
+        self._write(
+            "INSERT INTO execs (exec_id, pod_id, container_id, status, exit_code, record, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (exec_id) DO UPDATE SET status=excluded.status, "
+            "exit_code=excluded.exit_code, record=excluded.record",
+            (exec_id, pod_id, container_id, status, exit_code, _dumps(record),
+             created if created is not None else self._clock()),
+        )
+
+    def execs(self, pod_id: str | None = None) -> list[ExecRow]:
+        if pod_id is None:
+            rows = self._rows("SELECT * FROM execs ORDER BY created, exec_id")
+        else:
+            rows = self._rows("SELECT * FROM execs WHERE pod_id=? ORDER BY created, exec_id", (pod_id,))
+        return [ExecRow(r["exec_id"], r["pod_id"], r["container_id"], r["status"], r["exit_code"],
+                        json.loads(r["record"]), r["created"]) for r in rows]
+
+    def delete_exec(self, exec_id: str) -> bool:
+        return self._write("DELETE FROM execs WHERE exec_id=?", (exec_id,)).rowcount > 0
 
     # --- images ---------------------------------------------------------------------------------------
 

@@ -460,12 +460,59 @@ class ExecManager:
 
     def _remember(self, record: ExecRecord) -> None:
         self._execs[record.exec_id] = record
+        self._save(record)
         if len(self._execs) > MAX_EXECS:
             for old in sorted(self._execs.values(), key=lambda r: r.created):
                 if len(self._execs) <= MAX_EXECS:
                     break
                 if old.status in ("exited", "created"):
                     self._execs.pop(old.exec_id, None)
+                    self.daemon.state.delete_exec(old.exec_id)
+
+    def _save(self, record: ExecRecord) -> None:
+        """The exec's row: a restarted daemon knows it, its exit code, and (while it runs) its streams."""
+        self.daemon.state.put_exec(
+            record.exec_id, record.pod_id, record.container_id, record.status, record.exit_code,
+            {"args": record.args, "tty": record.tty, "name": record.container_name, "error": record.error,
+             "stdio": record.stdio, "stderr": record.stderr}, created=record.created)
+
+    def forget_pod(self, pod_id: str) -> None:
+        """The pod is removed: so are its execs (its rows go with the pod's)."""
+        for record in [r for r in self._execs.values() if r.pod_id == pod_id]:
+            del self._execs[record.exec_id]
+
+    def recover(self) -> None:
+        """After a daemon restart (the pods are adopted): the execs the previous daemon knew.
+
+        One that was running in a pod still running is watched again: its exit is reported and its code
+        kept. Its client went away with the old daemon, so its input ends (a tty gets ^D) and its output is
+        read and dropped. One whose pod did not survive ended with it (137).
+        """
+        for row in self.daemon.state.execs():
+            r = row.record
+            record = ExecRecord(row.exec_id, row.container_id, row.pod_id, list(r.get("args") or []),
+                                bool(r.get("tty")), r.get("name") or "", row.status, row.exit_code,
+                                r.get("error"), int(r.get("stdio") or 0), int(r.get("stderr") or 0),
+                                created=row.created)
+            self._execs[record.exec_id] = record
+            if record.status in ("starting", "running"):
+                self._readopt(record)
+
+    def _readopt(self, record: ExecRecord) -> None:
+        sandbox = self.daemon._sandboxes.get(record.pod_id)
+        vm = sandbox.vm if sandbox is not None else None
+        if vm is None or vm.streams is None or vm.dead or not record.stdio:
+            self._finished(record, 137, "its pod stopped while hyperd was down")
+            return
+        record.vm, record.status = vm, "running"
+        exit_ = vm.exits.watch(record.container_id, record.exec_id)
+        vm.streams.attach(record.stdio, exit_.wrap_sink(CallbackSink(lambda data: None, lambda: None)))
+        if record.stderr:
+            vm.streams.attach(record.stderr, CallbackSink(lambda data: None, lambda: None))
+        exit_.when_exited().addCallback(self._exited, record)
+        vm.when_dead().addCallback(self._vm_gone, record)
+        self.input_gone(record)
+        self._save(record)
 
     def lookup(self, exec_id: str, container: str | None = None) -> ExecRecord:
         """An exec by id; with ``container`` (its id or name, or for a VM exec the pod) it must match."""
@@ -509,7 +556,9 @@ class ExecManager:
         entry = self.daemon._vms.get(vm.vm_id)
         record.stdio = entry.allocate_seq()
         record.stderr = 0 if record.tty else entry.allocate_seq()
-        self.daemon._save_vm(entry)  # seqs are never reused, also across a daemon restart
+        with self.daemon.state.transaction():
+            self.daemon._save_vm(entry)  # seqs are never reused, also across a daemon restart
+            self._save(record)
         broker = OutputBroker(vm.streams, record.stdio, record.stderr, reactor=self.daemon.reactor)
         exit_ = vm.exits.watch(record.container_id, record.exec_id)
         vm.streams.attach(record.stdio, exit_.wrap_sink(broker.sink(STDOUT)))
@@ -530,7 +579,9 @@ class ExecManager:
             broker.end(f"hyperd: exec failed: {message}")
             return
         record.status = "running"
+        self._save(record)
         exit_.when_exited().addCallback(self._exited, record)
+        vm.when_dead().addCallback(self._vm_gone, record)
         if record.stdin_gone:
             self.input_gone(record)
         if record.size is not None:
@@ -560,8 +611,15 @@ class ExecManager:
             vm.streams.detach(record.stderr)
         self._finished(record, status)
 
+    def _vm_gone(self, reason: str, record: ExecRecord) -> None:
+        """The VM ended with the exec still running: no exit event will come, it ended with the VM."""
+        if record.status != "exited":
+            self._finished(record, 137, f"its VM stopped: {reason}")
+
     def _finished(self, record: ExecRecord, code: int, error: str | None = None) -> None:
         record.status, record.exit_code, record.error = "exited", code, error
+        if record.exec_id in self._execs:
+            self._save(record)
         waiters, record.waiters = record.waiters, []
         for d in waiters:
             if not d.called:

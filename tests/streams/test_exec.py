@@ -170,3 +170,33 @@ def test_tty_resize_errors_and_a_resize_before_the_exec_runs(sleeper, hijack, to
     stream = hijack(sleeper, "/exec/start", {"container": "box", "exec": tty})
     assert stream.headers["content-type"] == "application/vnd.docker.raw-stream"
     assert b"33 111" in stream.read_all()
+
+
+def test_execs_outlive_a_daemon_restart(sleeper, hijack, tools):
+    api = sleeper.api
+    done = api.exec_create("box", ["sh", "-c", "exit 3"])
+    hijack(sleeper, "/exec/start", {"container": "box", "exec": done}).read_all()
+    assert api.ok("GET", "/exitcode", {"exec": done}) == 3
+    waiting = api.exec_create("box", ["echo", "started after the restart"])  # created, not started
+    running = api.exec_create("box", ["sh", "-c", "echo ready; read line; echo got $line; exit 5"])
+    stream = hijack(sleeper, "/exec/start", {"container": "box", "exec": running})
+    stream.read_until(b"ready\n")  # running; its client stays connected and sends nothing: it waits on stdin
+    sleeper.restart()  # the client's connection goes with the old daemon
+    # The new daemon knows all three. The running one's input has ended (its client is gone): read gets EOF.
+    assert api.ok("GET", "/exitcode", {"container": "box", "exec": running}) == 5
+    assert api.ok("GET", "/exitcode", {"exec": done}) == 3
+    out = hijack(sleeper, "/exec/start", {"container": "box", "exec": waiting}).read_all()
+    assert tools.joined(tools.demux(out), 1) == b"started after the restart\n"
+    # Removing the pod removes its execs.
+    api.ok("DELETE", "/pod", {"podId": "box-pod"})
+    status, reply = api.call("GET", "/exitcode", {"exec": done})
+    assert status == 404 and "no such exec" in reply
+
+
+def test_an_exec_whose_vm_is_killed_ends_with_137_instead_of_hanging(sleeper, hijack, tools):
+    api = sleeper.api
+    exec_id = api.exec_create("box", ["sh", "-c", "echo up; sleep 600"])
+    hijack(sleeper, "/exec/start", {"container": "box", "exec": exec_id}).read_until(b"up\n")
+    ((vm_id, _, _),) = api.listing("vm")
+    api.ok("POST", "/vm/kill", {"vm": vm_id})
+    assert api.ok("GET", "/exitcode", {"exec": exec_id}) == 137
