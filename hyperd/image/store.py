@@ -36,6 +36,8 @@ from hyperd.image.unpack import apply_layer
 from hyperd.interfaces import IImageStore
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
+#: Beside an image's rootfs: what unpacking learnt of it ({"size": the layers' uncompressed bytes}).
+INFO_FILE = "image.json"
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
@@ -181,7 +183,12 @@ class ImageStore:
         manifest = json.loads(self.read_blob(manifest_digest))
         config_digest = manifest["config"]["digest"]
         config = json.loads(self.read_blob(config_digest))
-        size = sum(layer.get("size", 0) for layer in manifest.get("layers", ()))
+        image_id = config_digest.split(":", 1)[1]
+        try:
+            with open(os.path.join(self.images_dir, image_id, INFO_FILE)) as f:
+                size = int(json.load(f)["size"])  # the layers' uncompressed size, as Docker reports it
+        except (OSError, ValueError, KeyError, TypeError):
+            size = sum(layer.get("size", 0) for layer in manifest.get("layers", ()))  # unpacked by an older hyperd
         return Image(config_digest.split(":", 1)[1], tuple(sorted(names)), manifest_digest, config,
                      config.get("created", ""), size)
 
@@ -291,20 +298,34 @@ class ImageStore:
         final = self.rootfs_dir(image.id)
         if os.path.isdir(final):
             return
+        layers = manifest.get("layers", ())
+        diff_ids = (image.config.get("rootfs") or {}).get("diff_ids")
+        if isinstance(diff_ids, list) and len(diff_ids) != len(layers):
+            raise BadParameter(f"bad parameter: the image has {len(layers)} layers but its config lists "
+                               f"{len(diff_ids)} (rootfs.diff_ids)")
         work = tempfile.mkdtemp(dir=self.images_dir, prefix=".unpack-")
         try:
             rootfs = os.path.join(work, "rootfs")
             os.mkdir(rootfs)
-            for layer in manifest.get("layers", ()):
+            size = 0
+            for index, layer in enumerate(layers):
                 if "zstd" in layer.get("mediaType", ""):
                     raise BadParameter(f"bad parameter: layer {layer['digest']}: zstd layers are not supported")
                 if on_layer:
                     on_layer(layer["digest"], "extracting")
                 with open(self.blob_path(layer["digest"]), "rb") as f:
-                    apply_layer(rootfs, f, layer["digest"][7:19])
+                    applied = apply_layer(rootfs, f, layer["digest"][7:19])
+                # The blob matched its digest when it was stored; this checks that its content is the layer the
+                # config (whose digest is the image id) describes, as Docker does.
+                if isinstance(diff_ids, list) and diff_ids[index] != applied.diff_id:
+                    raise BadParameter(f"bad parameter: layer {layer['digest']} does not match the image config: "
+                                       f"its content is {applied.diff_id}, the config says {diff_ids[index]}")
+                size += applied.size
                 if on_layer:
                     on_layer(layer["digest"], "done")
             os.chmod(rootfs, 0o755)
+            with open(os.path.join(work, INFO_FILE), "w") as f:
+                json.dump({"size": size}, f)
             try:
                 os.rename(work, os.path.dirname(final))
             except OSError:

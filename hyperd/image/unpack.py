@@ -11,13 +11,20 @@ Runs in a worker thread: it blocks on the disk.
 
 from __future__ import annotations
 
+import bz2
 import errno
+import gzip
+import hashlib
+import lzma
 import os
 import posixpath
 import shutil
 import stat
 import tarfile
+import zlib
 from typing import BinaryIO
+
+import attrs
 
 from hyperd.errors import BadParameter
 
@@ -77,19 +84,68 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def _open_layer(fileobj: BinaryIO, layer: str) -> tarfile.TarFile:
+@attrs.frozen
+class Applied:
+    """What applying a layer learnt of it: the digest and size of its uncompressed tar (its diff_id)."""
+
+    diff_id: str
+    size: int
+
+
+#: Compressed layer formats by their magic bytes (Docker wrote gzip; bzip2 and xz are legal in a tar layer).
+_DECOMPRESSORS = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", lambda f: bz2.BZ2File(f, mode="rb")),
+    (b"\xfd7zXZ\x00", lambda f: lzma.LZMAFile(f, mode="rb")),
+)
+_DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)
+
+
+class _Digesting:
+    """A read-only stream that hashes and counts what is read through it."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _uncompressed(fileobj: BinaryIO) -> BinaryIO:
+    head = fileobj.read(6)
+    fileobj.seek(0)
+    for magic, opener in _DECOMPRESSORS:
+        if head.startswith(magic):
+            return opener(fileobj)
+    return fileobj
+
+
+def _open_layer(fileobj, layer: str) -> tarfile.TarFile:
     try:
-        return tarfile.open(fileobj=fileobj, mode="r|*")
+        return tarfile.open(fileobj=fileobj, mode="r|")
     except tarfile.TarError as e:
         raise LayerError(f"layer {layer}: not a tar archive ({e})") from None
+    except _DECOMPRESS_ERRORS as e:
+        raise LayerError(f"layer {layer}: corrupt compressed data ({e})") from None
 
 
-def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> None:
-    """Apply one layer (a tar stream, gzip or not) to the rootfs at ``root``."""
+def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> Applied:
+    """Apply one layer (a tar stream, gzip, bzip2, xz or not compressed; ``fileobj`` seekable) to the rootfs at
+    ``root``; returns its diff_id and uncompressed size, for the caller to check against the image config."""
     root = os.path.realpath(root)
     as_root = os.geteuid() == 0
     deferred_dirs = []
-    tar = _open_layer(fileobj, layer)
+    stream = _Digesting(_uncompressed(fileobj))
+    tar = _open_layer(stream, layer)
     try:
         for member in tar:
             rel = _clean(member.name, layer)
@@ -136,13 +192,17 @@ def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> None:
             else:
                 continue
             _set_attributes(target, member, as_root)
+        stream.drain()  # the end-of-archive blocks and padding are part of the diff_id too
     except tarfile.TarError as e:
         raise LayerError(f"layer {layer}: corrupt tar archive ({e})") from None
+    except _DECOMPRESS_ERRORS as e:
+        raise LayerError(f"layer {layer}: corrupt compressed data ({e})") from None
     finally:
         tar.close()
     # Directory modes and times last, so that a read-only directory does not stop its own contents.
     for target, member in reversed(deferred_dirs):
         _set_attributes(target, member, as_root)
+    return Applied("sha256:" + stream.hash.hexdigest(), stream.size)
 
 
 def _set_attributes(path: str, member: tarfile.TarInfo, as_root: bool) -> None:

@@ -6,6 +6,7 @@ need nothing else); tests/image/test_daemon.py runs the same through the real da
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -187,8 +188,9 @@ async def test_save_and_load_round_trip(api, workdir):
 @pytest_twisted.ensureDeferred
 async def test_load_a_docker_save_tar_and_refuse_what_is_not_an_image(api, workdir):
     layer = tar_layer({"bin/": "dir/", "bin/tool": b"#!/bin/sh\n"}, compress=False)
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
     config = {"architecture": "amd64", "os": "linux", "config": {"Cmd": ["tool"]},
-              "rootfs": {"type": "layers", "diff_ids": []}}
+              "rootfs": {"type": "layers", "diff_ids": [diff_id, diff_id]}}  # the layer twice, as the tar has it
     lines = await client_images.load(api.client, io.BytesIO(_docker_save_tar(layer, config, ["legacy/app:1"])))
     assert lines == ["Loaded image: legacy/app:1"]
     image = api.service.lookup("legacy/app:1")

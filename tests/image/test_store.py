@@ -188,3 +188,50 @@ def test_a_blob_with_the_wrong_digest_is_not_kept(root):
         store.write_blob(io.BytesIO(b"data"), "sha256:" + "0" * 64)
     assert os.listdir(store.blobs_dir) == []
     assert json.load(open(os.path.join(store.oci_dir, "index.json")))["manifests"] == []
+
+
+def _gzip_image(store, layer_bytes, diff_ids):
+    """Store a one-layer image whose layer blob is ``layer_bytes`` gzipped and whose config lists ``diff_ids``."""
+    import gzip
+
+    compressed = gzip.compress(layer_bytes, mtime=0)
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": store.write_blob(io.BytesIO(config)), "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": store.write_blob(io.BytesIO(compressed)), "size": len(compressed)}]}
+    return store.add(json.dumps(manifest).encode(), ["example/app:1"]), len(compressed)
+
+
+def test_a_gzip_layer_is_checked_against_the_config_and_the_size_is_uncompressed(root):
+    import hashlib
+
+    store = ImageStore(root)
+    tar = build_layer([entry("hello", data=b"hello world\n" * 1000)])
+    image, compressed_size = _gzip_image(store, tar, ["sha256:" + hashlib.sha256(tar).hexdigest()])
+    with open(os.path.join(store.rootfs_dir(image.id), "hello"), "rb") as f:
+        assert f.read() == b"hello world\n" * 1000
+    assert store.lookup("example/app:1").size == len(tar) > compressed_size  # Docker reports unpacked sizes
+
+
+def test_a_layer_whose_content_is_not_what_the_config_says_is_refused_and_nothing_is_left(root):
+    store = ImageStore(root)
+    tar = build_layer([entry("hello", data=b"swapped content\n")])
+    with pytest.raises(BadParameter, match="does not match the image config: its content is sha256:"):
+        _gzip_image(store, tar, ["sha256:" + "0" * 64])
+    assert [e for e in os.listdir(store.images_dir)] == []
+    with pytest.raises(NotFound):
+        store.lookup("example/app:1")
+    with pytest.raises(BadParameter, match="the image has 1 layers but its config lists 2"):
+        _gzip_image(store, tar, ["sha256:" + "0" * 64] * 2)
+
+
+def test_corrupt_gzip_data_is_a_bad_parameter_naming_the_layer(root):
+    import gzip
+
+    data = bytearray(gzip.compress(build_layer([entry("x", data=os.urandom(50000))])))
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(LayerError, match="layer corrupt: corrupt"):
+        apply_layer(root, io.BytesIO(bytes(data)), "corrupt")
