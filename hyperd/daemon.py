@@ -32,7 +32,7 @@ from hyperd.image.builtin import ensure_busybox
 from hyperd.image.service import ImageService
 from hyperd.image.store import ImageStore
 from hyperd.network import make_network
-from hyperd.pod.execs import ExecManager
+from hyperd.pod.execs import ContainerOutputs, ExecManager
 from hyperd.pod.sandbox import ContainerPlan, Sandbox, rfc3339
 from hyperd.pod.spec import check_references, container_document, parse_container, parse_pod
 from hyperd.state import StateStore
@@ -176,7 +176,9 @@ class Daemon(Service):
                                           insecure_registries=config.insecure_registries)
         self._vms: dict[str, VMEntry] = {}
         self._sandboxes: dict[str, Sandbox] = {}
-        self.execs = ExecManager(self)
+        #: The output brokers of the running containers: their logs, and the clients attached to them.
+        self.outputs = ContainerOutputs()
+        self.execs = ExecManager(self, self.outputs)
         self.network = make_network(config, reactor, self.state)
         self._locks: dict[str, defer.DeferredLock] = {}
         self._exit_waiters: dict[str, list[defer.Deferred]] = {}
@@ -281,10 +283,13 @@ class Daemon(Service):
             return
         pod = parse_pod(record.spec, pod_id=record.pod_id)
         plans = self._plans(record.pod_id)
-        sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(record.pod_id), entry.allocate_seq,
-                          lambda plan: self._container_exited(record.pod_id, plan))
-        self._sandboxes[record.pod_id] = sandbox
-        sandbox.adopt()
+        self._new_sandbox(record.pod_id, entry, pod, plans).adopt()
+
+    def _new_sandbox(self, pod_id: str, entry: VMEntry, pod, plans: list[ContainerPlan]) -> Sandbox:
+        sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(pod_id), entry.allocate_seq,
+                          lambda plan: self._container_exited(pod_id, plan), self.outputs)
+        self._sandboxes[pod_id] = sandbox
+        return sandbox
 
     def stopService(self) -> Any:
         super().stopService()
@@ -562,9 +567,7 @@ class Daemon(Service):
             except Exception as e:
                 self._set_pod(record.pod_id, "failed", vm_id=None, reason=str(e), finished=time.time())
                 raise
-        sandbox = Sandbox(self.reactor, entry.vm, pod, plans, self._log_dir(record.pod_id),
-                          entry.allocate_seq, lambda plan: self._container_exited(record.pod_id, plan))
-        self._sandboxes[record.pod_id] = sandbox
+        sandbox = self._new_sandbox(record.pod_id, entry, pod, plans)
         self._set_pod(record.pod_id, "pending", vm_id=entry.vm_id, reason="", started=time.time(), finished=None)
         try:
             sandbox.pod = await self.network.attach(lease, entry.vm)  # the guest NIC, routes, port mappings

@@ -6,14 +6,14 @@ attached client. Flow control is end to end and bounded: a client whose socket i
 stream (through ``StreamMux.producer_for``) until it drains; a container's broker disconnects a client that
 stays paused longer than ``stall_timeout`` instead of holding the container's output forever.
 
-:data:`container_outputs` maps a container id to its broker. ``Sandbox._watch`` opens one when a container
-starts; an attach to a container that has not started yet waits there for it (``hyperctl run`` attaches
-before it starts the pod).
+:data:A :class:`ContainerOutputs` (``daemon.outputs``) maps a container id to its broker. ``Sandbox._watch`` opens
+one when a container starts; an attach to a container that has not started yet waits there for it
+(``hyperctl run`` attaches before it starts the pod).
 
 The :class:`ExecManager` (``daemon.execs``) keeps exec records: ``create`` checks the container runs,
 ``start`` sends EXECCMD with output already routed to the caller, ``exit_code`` waits for both the exit
 event and the end of output, ``resize`` sends WINSIZE (remembered until the process has started).
-Records live in memory: a daemon restart forgets execs (their processes run on in the VM).
+Records are kept in the state store too: a restarted daemon knows them (``recover``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ __all__ = [
     "OutputBroker",
     "Subscriber",
     "Subscription",
-    "container_outputs",
 ]
 
 log = Logger()
@@ -364,10 +363,6 @@ def _after_queued(reactor: Any, agent: Any) -> defer.Deferred:
     return ready
 
 
-#: The brokers of every running container of this process (one daemon per process).
-container_outputs = ContainerOutputs()
-
-
 @attrs.define(eq=False)
 class ExecRecord:
     """One exec: a process started in a running container (or in the VM: ``container_id`` hyperstart)."""
@@ -403,7 +398,7 @@ def _exec_failed_code(message: str) -> int:
 class ExecManager:
     """``daemon.execs``: exec records, EXECCMD, exit codes, WINSIZE, and the lookups attach and logs need."""
 
-    def __init__(self, daemon: Any, outputs: ContainerOutputs = container_outputs) -> None:
+    def __init__(self, daemon: Any, outputs: ContainerOutputs) -> None:
         self.daemon = daemon
         self.outputs = outputs
         self._execs: dict[str, ExecRecord] = {}

@@ -24,6 +24,7 @@ from hyperd.errors import BadParameter
 from hyperd.image.store import Image
 from hyperd.mounts import bind_mount, remove_tree
 from hyperd.pod import payloads
+from hyperd.pod.execs import STDERR, STDOUT, ContainerOutputs
 from hyperd.pod.spec import UserContainer, UserPod
 
 log = Logger()
@@ -107,7 +108,8 @@ class Sandbox:
     """One pod running in one VM."""
 
     def __init__(self, reactor, vm, pod: UserPod, containers: list[ContainerPlan], log_dir: str,
-                 allocate_seq: Callable[[], int], on_exit: Callable[[ContainerPlan], None]):
+                 allocate_seq: Callable[[], int], on_exit: Callable[[ContainerPlan], None],
+                 outputs: ContainerOutputs):
         self._reactor = reactor
         self.vm = vm
         self.pod = pod
@@ -115,6 +117,7 @@ class Sandbox:
         self.log_dir = log_dir
         self._allocate_seq = allocate_seq
         self._on_exit = on_exit
+        self._outputs = outputs
         self._exited: dict[str, defer.Deferred] = {}
 
     @property
@@ -174,10 +177,8 @@ class Sandbox:
         try:
             await self.vm.agent.request_json(codec.NEWCONTAINER, payload)
         except BaseException as e:
-            from hyperd.pod.execs import container_outputs
-
             plan.status = "failed"
-            container_outputs.forget(plan.container_id, f"the container did not start: {e}")
+            self._outputs.forget(plan.container_id, f"the container did not start: {e}")
             self._exited.pop(plan.container_id, None)
             self.vm.exits.forget(plan.container_id, "init")
             self.vm.streams.detach(plan.stdio)
@@ -205,12 +206,10 @@ class Sandbox:
 
     def _watch(self, plan: ContainerPlan) -> None:
         # The container's output goes to its broker: the json-file log, logs -f followers, attached clients.
-        from hyperd.pod.execs import STDERR, STDOUT, container_outputs
-
         exit_ = self.vm.exits.watch(plan.container_id, "init")
-        broker = container_outputs.open(plan.container_id, self.vm.streams, plan.stdio, plan.stderr,
-                                        self.log_path(plan.container_id), plan.spec.tty, self._reactor,
-                                        agent=self.vm.agent, starting=plan.status != "running")
+        broker = self._outputs.open(plan.container_id, self.vm.streams, plan.stdio, plan.stderr,
+                                    self.log_path(plan.container_id), plan.spec.tty, self._reactor,
+                                    agent=self.vm.agent, starting=plan.status != "running")
         self.vm.streams.attach(plan.stdio, exit_.wrap_sink(broker.sink(STDOUT)))
         if plan.stderr and not plan.spec.tty:
             self.vm.streams.attach(plan.stderr, broker.sink(STDERR))

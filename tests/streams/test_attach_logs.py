@@ -54,6 +54,17 @@ def test_tty_attach_is_raw_and_ctrl_p_ctrl_q_detaches_leaving_it_running(vm_daem
     again.read_until(b"again2", timeout=20)
 
 
+def test_attach_before_a_start_that_fails_ends_with_the_reason(vm_daemon, hijack, tools):
+    api = vm_daemon.api
+    spec = {"id": "doomed", "containers": [{"name": "doomed", "image": "busybox", "command": ["no-such-tool"]}]}
+    pod_id = api.ok("POST", "/pod/create", body=spec)["ID"]
+    stream = hijack(vm_daemon, "/attach", {"container": "doomed"})
+    status, reply = api.call("POST", "/pod/start", {"podId": pod_id})
+    assert status >= 400 and "no-such-tool" in reply
+    frames = tools.demux(stream.read_all(timeout=30))  # the stream ends instead of waiting for the client
+    assert b"did not start" in tools.joined(frames, 3) and b"no-such-tool" in tools.joined(frames, 3)
+
+
 def test_attach_before_the_pod_starts_sees_everything_and_ends_at_exit(vm_daemon, hijack, tools):
     api = vm_daemon.api
     spec = {"id": "early", "containers": [{"name": "early", "image": "busybox",
