@@ -14,6 +14,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import string
 import time
@@ -31,6 +32,7 @@ from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
 from hyperd.image.builtin import ensure_busybox
 from hyperd.image.service import ImageService
 from hyperd.image.store import ImageStore
+from hyperd.mounts import remove_tree
 from hyperd.network import make_network
 from hyperd.pod.execs import ContainerOutputs, ExecManager
 from hyperd.pod.sandbox import ContainerPlan, Sandbox, rfc3339
@@ -38,6 +40,7 @@ from hyperd.pod.spec import check_references, container_document, parse_containe
 from hyperd.state import StateStore
 from hyperd.vm import VM, VMConfig, new_vm_id, probe_accel
 from hyperd.vm.factory import VMFactory
+from hyperd.vm.process import vm_processes
 
 __all__ = ["Daemon", "LIST_ITEMS", "host_info"]
 
@@ -268,7 +271,25 @@ class Daemon(Service):
             if pod.status in ("running", "pending") and pod.pod_id not in self._sandboxes and pod.vm_id:
                 self._fail_pod_rows(pod.pod_id, "hyperd stopped while the pod was starting")
         self.execs.recover()
+        self._reap_strays()
         await self.network.recover({p: (s.vm, s.pod) for p, s in self._sandboxes.items()}, set(self._vms))
+
+    def _reap_strays(self) -> None:
+        """Kill the qemu processes of our run dir that no VM accounts for, and remove the VM directories no VM
+        owns: a daemon that died while a VM booted left it running, unrecorded (its pid is saved at READY)."""
+        known = {entry.vm.vm_dir for entry in self._vms.values() if entry.vm is not None}
+        for pid, vm_dir in vm_processes(self.config.run_dir).items():
+            if vm_dir not in known:
+                self.log.warn("{dir}: a qemu (pid {pid}) no VM accounts for; killed", dir=vm_dir, pid=pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for name in os.listdir(self.config.run_dir):
+            path = os.path.join(self.config.run_dir, name)
+            if name.startswith("vm-") and path not in known and os.path.isdir(path):
+                try:
+                    remove_tree(path)  # unmounts a pod's host volumes first, never deletes through them
+                except OSError as e:
+                    self.log.warn("{dir}: {e}", dir=path, e=e)
 
     def _fail_pod_rows(self, pod_id: str, reason: str) -> None:
         for c in self.state.containers(pod_id):

@@ -111,6 +111,26 @@ def pid_cmdline(pid: int) -> list[str]:
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
 
 
+def vm_processes(run_dir: str) -> dict[int, str]:
+    """``{pid: vm_dir}`` of the live qemu processes started for a VM directory under ``run_dir``."""
+    prefix = os.path.join(run_dir, "vm-")
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        cmdline = pid_cmdline(pid)
+        if not cmdline or "qemu" not in os.path.basename(cmdline[0]) or not pid_alive(pid):
+            continue
+        for arg in cmdline:
+            at = arg.find(prefix)
+            if at >= 0:
+                name = arg[at + len(prefix):].split("/", 1)[0].split(",", 1)[0]
+                found[pid] = os.path.join(run_dir, "vm-" + name)
+                break
+    return found
+
+
 def pid_is_vm(pid: int, vm_dir: str) -> bool:
     """Whether ``pid`` is a live qemu started for ``vm_dir`` (guards against a recycled pid)."""
     if not pid_alive(pid):

@@ -254,3 +254,16 @@ def test_a_host_directory_volume_is_shared_and_never_deleted_with_the_vm(vm_daem
 def test_unsupported_volumes_are_refused_at_create(vm_daemon, volume, message):
     status, reply = vm_daemon.api.call("POST", "/pod/create", body={"id": "v", "volumes": [volume]})
     assert status == 400 and message in reply
+
+
+def test_a_vm_still_booting_when_the_daemon_dies_is_killed_by_the_next_daemon(vm_daemon, qemu_pids):
+    api = vm_daemon.api
+    vm_id = api.ok("POST", "/vm/create", {"async": "yes"})["ID"]
+    wait_for(lambda: qemu_pids(vm_daemon.run_dir), 10, "its qemu to be spawned")
+    vm_daemon.kill()  # before READY: the VM's pid is not recorded yet
+    assert qemu_pids(vm_daemon.run_dir), "qemu outlives the daemon by design"
+    vm_daemon.start()
+    wait_for(lambda: not qemu_pids(vm_daemon.run_dir), 5, "the stray qemu to be killed")
+    assert api.listing("vm") == []
+    assert not os.path.exists(os.path.join(vm_daemon.run_dir, vm_id))
+    assert "no VM accounts for; killed" in vm_daemon.log()
