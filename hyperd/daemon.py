@@ -535,6 +535,7 @@ class Daemon(Service):
         if self.state.get_pod(pod.id) or self.state.get_pod_by_name(pod.id):
             raise Conflict(f"conflict: a pod named {pod.id} exists already")
         self._check_resources(pod.vcpu, pod.memory, "resource.")
+        self.network.check(pod)
         _check_volumes(pod.volumes, "volumes")
         for i, c in enumerate(pod.containers):
             _check_volumes([v.detail for v in c.volumes if v.detail], f"containers[{i}].volumes.detail")

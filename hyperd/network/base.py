@@ -21,6 +21,7 @@ A pod's port mappings are kept in its spec, with the host ports chosen for it, s
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import random
 from typing import Any
 
@@ -142,11 +143,35 @@ class Network:
     def host_dns(self) -> dns.HostDNS:
         return self._host_dns if self._host_dns is not None else dns.read_resolv_conf()
 
-    def reserve(self, pod: UserPod) -> Lease:
-        """Take the pod's address and host ports (nothing else happens yet). Raises with nothing held."""
+    #: The network from which a pod's own address can be reached (not only its port mappings); None when
+    #: nothing reaches it directly (user mode).
+    direct_network: ipaddress.IPv4Network | None = None
+
+    def check(self, pod: UserPod) -> None:
+        """What this network cannot give the pod, as a BadParameter (at create, and again at start).
+
+        ``portmappingWhiteLists`` are not enforced (hyperd did it with iptables inside the VM); a pod whose
+        lists would keep someone out who can get in here is refused rather than run open to everyone.
+        """
         if len(pod.interfaces) > 1:
             raise BadParameter(f"bad parameter: interfaces: a pod has one network interface here, "
                                f"not {len(pod.interfaces)}")
+        external = [ipaddress.ip_network(n) for n in pod.whitelist_external]
+        if external and not any(n.prefixlen == 0 for n in external):
+            raise BadParameter("bad parameter: portmappingWhiteLists.externalNetworks: this hyperd cannot limit "
+                               "which networks reach a pod's port mappings, and will not open them to all "
+                               "instead; list 0.0.0.0/0 or remove the white lists")
+        internal = [ipaddress.ip_network(n) for n in pod.whitelist_internal]
+        direct = self.direct_network
+        if internal and direct is not None and not any(
+                n.version == direct.version and direct.subnet_of(n) for n in internal):
+            raise BadParameter(f"bad parameter: portmappingWhiteLists.internalNetworks: a pod's address is "
+                               f"reachable from {direct} here, which the list does not contain; add it or remove "
+                               f"the white lists")
+
+    def reserve(self, pod: UserPod) -> Lease:
+        """Take the pod's address and host ports (nothing else happens yet). Raises with nothing held."""
+        self.check(pod)
         self._release_allocations(pod.id)  # anything a crashed start left behind
         lease = Lease(pod.id, pod, self._guest_nic(pod), [])
         try:

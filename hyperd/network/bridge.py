@@ -49,6 +49,7 @@ class BridgeNetwork(Network):
         super().__init__(config, reactor, state, **kwargs)
         self.bridge = config.bridge
         self.bridge_address, self.subnet = netlink.bridge_network(config.bridge_ip)
+        self.direct_network = self.subnet  # the host and the other pods on the bridge
         self.use_iptables = not config.disable_iptables
         self.pool = pool or netlink.NetlinkPool(reactor)
         self.iptables = iptables or IPTables(reactor)

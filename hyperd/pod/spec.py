@@ -256,6 +256,9 @@ class UserPod:
     portmappings: tuple[PortMapping, ...] = ()
     interfaces: tuple[Interface, ...] = ()
     services: tuple[Service, ...] = ()
+    #: portmappingWhiteLists: who may reach the pod's address directly, and its port mappings (CIDRs).
+    whitelist_internal: tuple[str, ...] = ()
+    whitelist_external: tuple[str, ...] = ()
     log_type: str = "json-file"
     log_config: dict = attrs.field(factory=dict)
     restart_policy: str = "never"
@@ -361,6 +364,16 @@ def _ip(text: str, path: str) -> str:
     except ValueError:
         raise BadParameter(f"{path}: {text!r} is not an IP address") from None
     return text
+
+
+def _networks(f: _Fields, key: str) -> tuple[str, ...]:
+    out = []
+    for i, text in enumerate(f.strings(key)):
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise BadParameter(f"{f.at(key)}[{i}]: {text!r} is not a network (CIDR)") from None
+    return tuple(out)
 
 
 def _service(f: _Fields) -> Service:
@@ -478,6 +491,8 @@ def parse_pod(document: dict | str | bytes, pod_id: str = "") -> UserPod:
     if sum(1 for i in interfaces if i.gateway) > 1:
         raise BadParameter("interfaces: at most one interface may set a gateway")
     services = f.objects("services", _service)
+    whitelists = f.object("portmappingWhiteLists", lambda w: (_networks(w, "internalNetworks"),
+                                                              _networks(w, "externalNetworks")))
     log = f.object("log", lambda lg: (lg.str("type", "json-file") or "json-file", lg.raw("config") or {}))
     log_type, log_config = log or ("json-file", {})
     return UserPod(
@@ -497,6 +512,8 @@ def parse_pod(document: dict | str | bytes, pod_id: str = "") -> UserPod:
         portmappings=f.objects("portmappings", _portmapping),
         interfaces=interfaces,
         services=services,
+        whitelist_internal=whitelists[0] if whitelists else (),
+        whitelist_external=whitelists[1] if whitelists else (),
         log_type=log_type,
         log_config=log_config if isinstance(log_config, dict) else {},
         restart_policy=f.str("restartPolicy", "never") or "never",

@@ -123,3 +123,16 @@ def test_addresses_released_and_reused_over_real_vm_cycles(bridge_daemon):
         assert taps(ns) == []
     assert seen == [[f"{SUBNET}.2"]] * 4
     assert "-j DNAT" not in iptables_nat(ns)
+
+
+@pytest.mark.timeout(120)
+def test_an_internal_white_list_without_the_bridge_is_refused(bridge_daemon):
+    api = bridge_daemon.api
+
+    def create(internal):
+        return api.call("POST", "/pod/create", body={"containers": [{"image": "busybox"}], "portmappingWhiteLists": {
+            "internalNetworks": internal, "externalNetworks": ["0.0.0.0/0"]}})
+
+    status, reply = create(["10.99.0.0/16"])
+    assert status == 400 and f"reachable from {SUBNET}.0/24 here" in reply
+    assert create([f"{SUBNET}.0/24"])[0] in (200, 201)  # hyperd's own example: the bridge, and anyone on ports

@@ -171,3 +171,19 @@ def test_ports_released_when_the_pod_finishes_or_its_vm_is_killed(vm_daemon):
     assert http_get("127.0.0.1", port) == b"hello from again\n"
     for p in (pod, web, again):
         api.ok("DELETE", "/pod", {"podId": p})
+
+
+@pytest.mark.timeout(60)
+def test_white_lists_that_would_keep_someone_out_are_refused_not_ignored(vm_daemon):
+    api = vm_daemon.api
+
+    def create(lists):
+        return api.call("POST", "/pod/create", body={"containers": [{"image": "busybox"}],
+                                                     "portmappingWhiteLists": lists})
+
+    status, reply = create({"externalNetworks": ["10.0.0.0/8"]})
+    assert status == 400 and "cannot limit which networks reach a pod's port mappings" in reply
+    assert api.listing("pod") == []
+    # Open to all: nothing to enforce. And in user mode nothing reaches a pod's address directly, so any
+    # internal list holds already.
+    assert create({"internalNetworks": ["10.1.0.0/16"], "externalNetworks": ["0.0.0.0/0"]})[0] in (200, 201)

@@ -134,3 +134,13 @@ def test_a_container_round_trips_through_its_document():
 
     for c in parse_pod(FULL).containers + parse_pod({"id": "x", "containers": [{"image": "busybox"}]}).containers:
         assert parse_container(container_document(c), "web", 0) == c
+
+
+def test_portmapping_white_lists_are_read_as_networks_and_a_bad_one_is_named():
+    pod = parse_pod({"id": "w", "containers": [{"image": "busybox"}],
+                     "portmappingWhiteLists": {"internalNetworks": ["192.168.123.7/24"],
+                                               "externalNetworks": ["0.0.0.0/0"]}})
+    assert pod.whitelist_internal == ("192.168.123.0/24",) and pod.whitelist_external == ("0.0.0.0/0",)
+    with pytest.raises(BadParameter, match=r"portmappingWhiteLists.externalNetworks\[1\]: 'x' is not a network"):
+        parse_pod({"id": "w", "containers": [{"image": "busybox"}],
+                   "portmappingWhiteLists": {"externalNetworks": ["0.0.0.0/0", "x"]}})
