@@ -19,7 +19,7 @@ import os
 import struct
 
 from hyperd.agent import codec
-from hyperd.guest import jsonc, linux, modules
+from hyperd.guest import jsonc, linux, modules, net, services
 from hyperd.guest.agent import DEBUG, CommandError, decode_json, describe_exception, exit_status, log, uptime
 
 HYPER_DIR = "/tmp/hyper"
@@ -265,6 +265,7 @@ class Pod:
         self.host_processes = {}  # EXECCMD into "hyperstart"
         self.processes_by_seq = {}
         self.share_tag = None  # the 9p tag mounted at SHARED_DIR
+        self.services = services.Services(agent, net.run_ip)
 
     # ---- idle work, before the first pod ----
 
@@ -295,6 +296,7 @@ class Pod:
         if self.started:
             self._stop_pod()
         self._mount_shares(share_tag)
+        self.services.configure(spec.get("services"))  # ours: hyperd set them up with ipvs after STARTPOD
         _makedirs(SHM_DIR)
         if not _is_mountpoint(SHM_DIR):
             linux.mount("shm", SHM_DIR, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
@@ -399,6 +401,7 @@ class Pod:
         self.ns_fds = {}
 
     def _stop_pod(self) -> None:
+        self.services.clear()
         for container in list(self.containers.values()):
             self._remove_container(container)
         if self.init_pid:

@@ -156,6 +156,16 @@ class Network:
         if len(pod.interfaces) > 1:
             raise BadParameter(f"bad parameter: interfaces: a pod has one network interface here, "
                                f"not {len(pod.interfaces)}")
+        for i, service in enumerate(pod.services):
+            if service.protocol != "tcp":
+                raise BadParameter(f"bad parameter: services[{i}].protocol: only tcp services are supported "
+                                   f"here, not {service.protocol}")
+            if not service.hosts:
+                raise BadParameter(f"bad parameter: services[{i}].hosts: a service needs at least one host")
+            for what, ip in [("serviceIP", service.service_ip)] + [
+                    (f"hosts[{j}].hostIP", h.host_ip) for j, h in enumerate(service.hosts)]:
+                if ipaddress.ip_address(ip).version != 4:
+                    raise BadParameter(f"bad parameter: services[{i}].{what}: {ip} is not an IPv4 address")
         external = [ipaddress.ip_network(n) for n in pod.whitelist_external]
         if external and not any(n.prefixlen == 0 for n in external):
             raise BadParameter("bad parameter: portmappingWhiteLists.externalNetworks: this hyperd cannot limit "

@@ -18,13 +18,19 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def startpod_payload(pod: UserPod) -> dict:
-    return {
+    payload = {
         "hostname": pod.hostname,
         "dns": list(pod.dns),
         "dnsSearch": list(pod.dns_search),
         "dnsOptions": list(pod.dns_options),
         "shareDir": "share_dir",
     }
+    if pod.services:  # our guest's extension (hyperd programmed ipvs through exec)
+        payload["services"] = [
+            {"serviceIP": s.service_ip, "servicePort": s.service_port, "protocol": s.protocol,
+             "hosts": [{"hostIP": h.host_ip, "hostPort": h.host_port} for h in s.hosts]}
+            for s in pod.services]
+    return payload
 
 
 def command_line(container: UserContainer, image: Image) -> list[str]:

@@ -187,3 +187,54 @@ def test_white_lists_that_would_keep_someone_out_are_refused_not_ignored(vm_daem
     # Open to all: nothing to enforce. And in user mode nothing reaches a pod's address directly, so any
     # internal list holds already.
     assert create({"internalNetworks": ["10.1.0.0/16"], "externalNetworks": ["0.0.0.0/0"]})[0] in (200, 201)
+
+
+@pytest.fixture
+def two_host_servers():
+    """Two HTTP servers on the host's loopback, answering "one" and "two" (a slirp guest reaches them at 10.0.2.2)."""
+    import http.server
+    import threading
+
+    servers = []
+    for body in (b"one\n", b"two\n"):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            reply = body
+
+            def do_GET(self):
+                data = self.reply * (1_000_000 if self.path == "/big" else 1)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    try:
+        yield [s.server_address[1] for s in servers]
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.mark.timeout(240)
+def test_a_pod_service_is_reached_at_its_address_round_robin_over_its_hosts(vm_daemon, two_host_servers):
+    api = vm_daemon.api
+    hosts = [{"hostIP": "10.0.2.2", "hostPort": port} for port in two_host_servers]
+    pod_id = api.ok("POST", "/pod/create", body={
+        "id": "svc", "containers": [{"image": "busybox", "command": ["sleep", "600"]}],
+        "services": [{"serviceIP": "10.254.0.24", "servicePort": 2834, "protocol": "TCP", "hosts": hosts}]})["ID"]
+    api.ok("POST", "/pod/start", {"podId": pod_id})
+    out = run_in_pod(vm_daemon, pod_id, "for i in 1 2 3 4; do wget -q -O - http://10.254.0.24:2834/; done")
+    assert out == "one\ntwo\none\ntwo\n"
+    # A reply far bigger than the relay's buffers (the pod reads it slower than the host sends it).
+    big = run_in_pod(vm_daemon, pod_id, "wget -q -O - http://10.254.0.24:2834/big | wc -c")
+    assert big.split() == ["4000000"]
+    status, reply = api.call("POST", "/pod/create", body={
+        "containers": [{"image": "busybox"}],
+        "services": [{"serviceIP": "10.254.0.25", "servicePort": 53, "protocol": "udp", "hosts": hosts}]})
+    assert status == 400 and "udp" in reply

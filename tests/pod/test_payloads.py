@@ -52,3 +52,24 @@ def test_newcontainer_payload_has_hyperstarts_shape():
                                                                                         ["top"])
     assert startpod_payload(pod) == {"hostname": "p", "dns": ["1.1.1.1"], "dnsSearch": [], "dnsOptions": [],
                                      "shareDir": "share_dir"}
+
+
+def test_startpod_carries_the_pods_services_and_the_guest_checks_them():
+    from hyperd.guest import services
+    from hyperd.guest.agent import CommandError
+
+    pod = parse_pod({"id": "s", "containers": [{"image": "busybox"}], "services": [
+        {"serviceIP": "10.254.0.24", "servicePort": 2834, "protocol": "TCP",
+         "hosts": [{"hostIP": "10.0.2.2", "hostPort": 80}, {"hostIP": "10.0.2.3", "hostPort": 81}]}]})
+    payload = startpod_payload(pod)
+    assert services.parse(payload["services"]) == [("10.254.0.24", 2834, [("10.0.2.2", 80), ("10.0.2.3", 81)])]
+    assert "services" not in startpod_payload(parse_pod({"id": "t", "containers": [{"image": "busybox"}]}))
+    for bad, message in (([{"serviceIP": "10.0.0.1", "servicePort": 1, "hosts": []}], r"services\[0\].hosts"),
+                         ([{"serviceIP": "x", "servicePort": 1, "hosts": [{"hostIP": "1.1.1.1", "hostPort": 1}]}],
+                          r"services\[0\].serviceIP: 'x' is not an IPv4 address"),
+                         ([{"serviceIP": "10.0.0.1", "servicePort": 1, "protocol": "udp",
+                            "hosts": [{"hostIP": "1.1.1.1", "hostPort": 1}]}], "only tcp"),
+                         ([{"serviceIP": "10.0.0.1", "servicePort": 0,
+                            "hosts": [{"hostIP": "1.1.1.1", "hostPort": 1}]}], r"servicePort: 0 is not a port")):
+        with pytest.raises(CommandError, match=message):
+            services.parse(bad)
