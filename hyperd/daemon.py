@@ -221,7 +221,8 @@ class Daemon(Service):
             self._guest = _GuestFiles(self.config.kernel_path, self.config.initrd_path)
         await threads.deferToThread(ensure_busybox, self.images)
         if self.config.accel == "auto":
-            self.accel = await probe_accel(self.reactor, "auto", self._guest.kernel)
+            self.accel = await probe_accel(self.reactor, "auto", self._guest.kernel,
+                                           cache=os.path.join(self.config.run_dir, "accel-probe.json"))
         await self.network.start()
         await self._recover()
         self.factory.start()

@@ -5,10 +5,15 @@ runs a trivial real-mode payload, and then hangs forever in the guest kernel's e
 the real guest kernel under KVM and waits for its first console line ("Linux version"), which a working KVM
 prints within a few tens of milliseconds; if that does not happen within ``timeout`` seconds the answer is
 TCG. The probe never blocks the reactor and always answers.
+
+The answer is kept in a small file (the daemon's run dir) for as long as the host has not rebooted and the
+kernel and qemu are the same files, so that a daemon restart does not wait for the probe again (3 s where
+KVM hangs).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from twisted.internet import defer, error
@@ -72,13 +77,39 @@ async def kernel_boots(reactor, accel: str, kernel: str, timeout: float = PROBE_
         proto.kill()
 
 
-class AccelProbe:
-    """Answers "kvm" or "tcg"; with "auto" the probe runs once and its answer is kept."""
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
-    def __init__(self, timeout: float = PROBE_TIMEOUT, kvm_device: str = "/dev/kvm", qemu: str = QEMU_BINARY):
+
+def _fingerprint(kvm_device: str, kernel: str, qemu: str) -> dict:
+    """What the probe's answer depends on: this boot of the host, the kernel and qemu files."""
+    def stat(path: str):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+    try:
+        with open(BOOT_ID) as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = None
+    qemu_path = qemu if os.path.isabs(qemu) else next(
+        (os.path.join(d, qemu) for d in os.environ.get("PATH", "/usr/bin:/bin").split(":")
+         if os.path.exists(os.path.join(d, qemu))), qemu)
+    return {"boot_id": boot, "kvm": stat(kvm_device), "kernel": [kernel, stat(kernel)],
+            "qemu": [qemu_path, stat(qemu_path)]}
+
+
+class AccelProbe:
+    """Answers "kvm" or "tcg"; with "auto" the probe runs once and its answer is kept (in ``cache`` too)."""
+
+    def __init__(self, timeout: float = PROBE_TIMEOUT, kvm_device: str = "/dev/kvm", qemu: str = QEMU_BINARY,
+                 cache: str | None = None):
         self.timeout = timeout
         self.kvm_device = kvm_device
         self.qemu = qemu
+        self.cache = cache
         self._auto: defer.Deferred | None = None
         self._answer: str | None = None
         self.why: str = ""
@@ -98,7 +129,36 @@ class AccelProbe:
         self._auto.addBoth(lambda r: (d.callback(r), r)[1])
         return d
 
+    def _cached(self, fingerprint: dict) -> dict | None:
+        if self.cache is None:
+            return None
+        try:
+            with open(self.cache) as f:
+                kept = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(kept, dict) or kept.get("for") != fingerprint or kept.get("answer") not in ("kvm", "tcg"):
+            return None
+        return kept
+
+    def _keep(self, fingerprint: dict, answer: str) -> None:
+        if self.cache is None or fingerprint["boot_id"] is None:
+            return
+        tmp = self.cache + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"for": fingerprint, "answer": answer, "why": self.why}, f)
+            os.replace(tmp, self.cache)
+        except OSError as e:
+            log.warn("accelerator: cannot keep the probe's answer in {path}: {e}", path=self.cache, e=e)
+
     async def _probe(self, reactor, kernel: str | None) -> str:
+        fingerprint = _fingerprint(self.kvm_device, kernel or "", self.qemu)
+        kept = self._cached(fingerprint)
+        if kept is not None:
+            self._answer, self.why = kept["answer"], "%s (probed earlier in this boot)" % kept.get("why", "")
+            log.info("accelerator: {answer} ({why})", answer=self._answer, why=self.why)
+            return self._answer
         answer = "tcg"
         if not os.access(self.kvm_device, os.R_OK | os.W_OK):
             self.why = "%s is missing or not accessible" % self.kvm_device
@@ -117,12 +177,16 @@ class AccelProbe:
                 answer = "kvm"
         self._answer = answer
         log.info("accelerator: {answer} ({why})", answer=answer, why=self.why)
+        self._keep(fingerprint, answer)
         return answer
 
 
 _default_probe = AccelProbe()
 
 
-def probe_accel(reactor, mode: str = "auto", kernel: str | None = None) -> defer.Deferred:
-    """A Deferred firing with "kvm" or "tcg" (see the module docstring); "auto" probes once per process."""
+def probe_accel(reactor, mode: str = "auto", kernel: str | None = None, cache: str | None = None) -> defer.Deferred:
+    """A Deferred firing with "kvm" or "tcg" (see the module docstring); "auto" probes once per process, and
+    with ``cache`` (a file path) once per host boot."""
+    if cache is not None:
+        _default_probe.cache = cache
     return _default_probe.probe(reactor, mode, kernel)

@@ -106,3 +106,30 @@ async def test_forced_modes_and_a_missing_device(reactor):
     assert "/nonexistent/kvm" in probe.why
     with pytest.raises(ValueError):
         await probe.probe(reactor, "xen", None)
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_the_answer_is_kept_for_this_host_boot_and_these_files(reactor, guest, tmp_path):
+    import json
+
+    cache = str(tmp_path / "accel-probe.json")
+    assert await accel.AccelProbe(timeout=2.0, cache=cache).probe(reactor, "auto", guest.kernel) == "tcg"
+    with open(cache) as f:
+        kept = json.load(f)
+    assert kept["answer"] == "tcg" and kept["for"]["boot_id"]
+    # The next daemon answers from the file, without the seconds of a probe.
+    again = accel.AccelProbe(timeout=2.0, cache=cache)
+    t0 = time.monotonic()
+    assert await again.probe(reactor, "auto", guest.kernel) == "tcg"
+    assert time.monotonic() - t0 < 0.5 and "probed earlier in this boot" in again.why
+    # Another boot of the host (or another kernel, or qemu) probes again.
+    kept["for"]["boot_id"] = "another-boot"
+    with open(cache, "w") as f:
+        json.dump(kept, f)
+    fresh = accel.AccelProbe(timeout=2.0, cache=cache)
+    assert await fresh.probe(reactor, "auto", guest.kernel) == "tcg"
+    assert "probed earlier" not in fresh.why
+    with open(cache) as f:
+        assert json.load(f)["for"]["boot_id"] != "another-boot"
+    await task.deferLater(reactor, 0.3, lambda: None)  # the killed probe qemu is reaped
