@@ -15,6 +15,7 @@ import bz2
 import errno
 import gzip
 import hashlib
+import io
 import lzma
 import os
 import posixpath
@@ -101,23 +102,25 @@ _DECOMPRESSORS = (
 _DECOMPRESS_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError)
 
 
-class _Digesting:
-    """A read-only stream that hashes and counts what is read through it."""
+class _Digesting(io.RawIOBase):
+    """A read-only stream that hashes and counts what is read through it (under a BufferedReader, so that it
+    sees large reads while tarfile makes many small ones)."""
 
     def __init__(self, raw) -> None:
         self._raw = raw
         self.hash = hashlib.sha256()
         self.size = 0
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._raw.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
+    def readable(self) -> bool:
+        return True
 
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
+    def readinto(self, buffer) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.hash.update(data)
+        self.size += n
+        return n
 
 
 def _uncompressed(fileobj: BinaryIO) -> BinaryIO:
@@ -144,7 +147,8 @@ def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> Applied:
     root = os.path.realpath(root)
     as_root = os.geteuid() == 0
     deferred_dirs = []
-    stream = _Digesting(_uncompressed(fileobj))
+    digest = _Digesting(_uncompressed(fileobj))
+    stream = io.BufferedReader(digest, 1 << 20)
     tar = _open_layer(stream, layer)
     try:
         for member in tar:
@@ -192,7 +196,8 @@ def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> Applied:
             else:
                 continue
             _set_attributes(target, member, as_root)
-        stream.drain()  # the end-of-archive blocks and padding are part of the diff_id too
+        while stream.read(1 << 20):  # the end-of-archive blocks and padding are part of the diff_id too
+            pass
     except tarfile.TarError as e:
         raise LayerError(f"layer {layer}: corrupt tar archive ({e})") from None
     except _DECOMPRESS_ERRORS as e:
@@ -202,7 +207,7 @@ def apply_layer(root: str, fileobj: BinaryIO, layer: str = "layer") -> Applied:
     # Directory modes and times last, so that a read-only directory does not stop its own contents.
     for target, member in reversed(deferred_dirs):
         _set_attributes(target, member, as_root)
-    return Applied("sha256:" + stream.hash.hexdigest(), stream.size)
+    return Applied("sha256:" + digest.hash.hexdigest(), digest.size)
 
 
 def _set_attributes(path: str, member: tarfile.TarInfo, as_root: bool) -> None:
