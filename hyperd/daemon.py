@@ -568,6 +568,8 @@ class Daemon(Service):
         except BaseException:
             await self.network.release_pod(record.pod_id)
             raise
+        finally:
+            self.factory.fill()  # a VM taken from the factory is replaced once its pod has started
 
     async def _start_pod_in_vm(self, record, pod, lease, vm_id: str | None) -> int:
         plans = self._plans(record.pod_id, fresh=True)
@@ -579,7 +581,7 @@ class Daemon(Service):
                 raise Conflict(f"conflict: VM {vm_id} is {entry.status}, not idle")
             if entry.pooled:
                 entry.pooled = False
-                self.factory.forget(vm_id)  # named by the caller rather than taken: the factory replaces it
+                self.factory.forget(vm_id, refill=False)  # named by the caller: replaced once the pod started
             entry.status, entry.pod_id = "associated", record.pod_id
             self._save_vm(entry)
         else:

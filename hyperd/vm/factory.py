@@ -78,21 +78,26 @@ class VMFactory:
             self._booting[1].cancel()
 
     def take(self, cpu: int, memory: int) -> str | None:
-        """An idle VM of exactly this shape, now no longer the factory's; None if there is none ready."""
+        """An idle VM of exactly this shape, now no longer the factory's; None if there is none ready.
+
+        The replacement is not booted yet: the caller calls ``fill`` once the pod it took the VM for has
+        started, so that the boot does not take a core from that start (0.30 → 0.25 s on two cores).
+        """
         ready = self._ready.get((cpu, memory), [])
         while ready:
             vm_id = ready.pop(0)
             if self._usable(vm_id):
-                self.fill()
                 return vm_id
         return None
 
-    def forget(self, vm_id: str) -> None:
-        """``vm_id`` is gone, or taken by other means (an explicit ``vmId``): boot its replacement."""
+    def forget(self, vm_id: str, refill: bool = True) -> None:
+        """``vm_id`` is gone, or taken by other means (an explicit ``vmId``): boot its replacement (now, or
+        with ``refill`` False at the caller's ``fill``)."""
         for ready in self._ready.values():
             if vm_id in ready:
                 ready.remove(vm_id)
-                self.fill()
+                if refill:
+                    self.fill()
                 return
 
     def fill(self) -> None:
