@@ -11,7 +11,7 @@ of them are its own. Its VMs are marked in their state record, so a restarted da
 
 hyperd's ``"template": true`` (VMs cloned from a memory snapshot of a booted one) is not supported: such an
 entry is a plain cache, with a warning. Templates share guest memory between pods, the side channel that
-Kata's documentation warns about, and under TCG a restore would not be much faster than our warm start.
+Kata's documentation warns about.
 """
 
 from __future__ import annotations
