@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
+import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 
 WWW_SCRIPT = ("mkdir -p /www && echo hello from {name} > /www/index.html && "
               "dd if=/dev/zero of=/www/big bs=1M count={big_mb} 2>/dev/null; exec httpd -f -p {port} -h /www")
+
+
+@contextlib.contextmanager
+def host_http_server(reply: Callable[[str], bytes]) -> Iterator[int]:
+    """An HTTP server on the host's 127.0.0.1 answering ``GET path`` with ``reply(path)``; yields its port (a
+    user-mode guest reaches it at 10.0.2.2)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = reply(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def wait_for(predicate, timeout: float, what: str):

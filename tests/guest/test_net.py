@@ -1,34 +1,15 @@
 """Network commands against the real guest: qemu user-mode networking, a host HTTP server reached from a container."""
 
-import http.server
-import threading
-
 import pytest
 
 from hyperd.agent import codec
+from tests.support import host_http_server
 
 
 @pytest.fixture
 def http_server():
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            body = b"hello from the host\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with host_http_server(lambda path: b"hello from the host\n") as port:
+        yield port
 
 
 def run_in_vm(vm, pid, script, seq):

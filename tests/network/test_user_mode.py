@@ -2,11 +2,13 @@
 127.0.0.1, a host port in use refused with 409, mappings added to and deleted from a running pod, the guest's
 address, routes, /etc/hosts and resolv.conf, and the mappings released on stop for the next pod."""
 
+import contextlib
 import socket
 
 import pytest
 
 from tests.network.conftest import free_port, http_get, run_in_pod
+from tests.support import host_http_server
 
 
 def _refused(port: int) -> bool:
@@ -191,34 +193,11 @@ def test_white_lists_that_would_keep_someone_out_are_refused_not_ignored(vm_daem
 
 @pytest.fixture
 def two_host_servers():
-    """Two HTTP servers on the host's loopback, answering "one" and "two" (a slirp guest reaches them at 10.0.2.2)."""
-    import http.server
-    import threading
-
-    servers = []
-    for body in (b"one\n", b"two\n"):
-        class Handler(http.server.BaseHTTPRequestHandler):
-            reply = body
-
-            def do_GET(self):
-                data = self.reply * (1_000_000 if self.path == "/big" else 1)
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-    try:
-        yield [s.server_address[1] for s in servers]
-    finally:
-        for s in servers:
-            s.shutdown()
-            s.server_close()
+    """Two HTTP servers on the host's loopback, answering "one" and "two" (4 MB of them for /big)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(host_http_server(lambda path, body=body: body * (1_000_000 if path == "/big"
+                                                                                   else 1)))
+               for body in (b"one\n", b"two\n")]
 
 
 @pytest.mark.timeout(240)
