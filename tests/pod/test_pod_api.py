@@ -7,14 +7,9 @@ import time
 
 import pytest
 
+from tests.support import wait_for
+
 pytestmark = pytest.mark.timeout(180)
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
 
 
 def run_pod(api, spec, **start):

@@ -6,14 +6,9 @@ import time
 
 import pytest
 
+from tests.support import wait_for
+
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
 
 
 def test_create_list_and_kill_a_vm(vm_daemon, qemu_pids):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 import urllib.parse
 
 import pytest
 
 from tests.conftest import unchunk  # noqa: F401  (one decoder of chunked bodies, offered through Tools)
+from tests.support import wait_for
 
 
 class RawStream:
@@ -101,16 +101,6 @@ def hijack():
     finally:
         for s in opened:
             s.close()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
 
 
 def daemon_fds(daemon) -> int:
