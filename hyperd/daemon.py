@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from hyperd import API_VERSION, __version__
 from hyperd.config import Config
-from hyperd.deferreds import observe
+from hyperd.deferreds import locked, observe
 from hyperd.errors import BadParameter, Conflict, HyperError, NotFound, VMError
 from hyperd.image.builtin import ensure_busybox
 from hyperd.image.service import ImageService
@@ -68,15 +68,6 @@ def new_pod_id() -> str:
 def new_container_id() -> str:
     """Docker-style: 64 hex digits."""
     return secrets.token_hex(32)
-
-
-@contextlib.asynccontextmanager
-async def _locked(lock: defer.DeferredLock):
-    await lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @attrs.frozen
@@ -554,7 +545,7 @@ class Daemon(Service):
     async def start_pod(self, pod_id: str, vm_id: str | None = None) -> int | None:
         await self._ready()
         record = self._pod_record(pod_id)
-        async with _locked(self._lock(record.pod_id)):
+        async with locked(self._lock(record.pod_id)):
             return await self._start_pod(self._pod_record(pod_id), vm_id or None)
 
     async def _start_pod(self, record, vm_id: str | None) -> int:
@@ -647,7 +638,7 @@ class Daemon(Service):
                 lambda f: self.log.failure("{pod}: finishing", f, pod=pod_id))
 
     async def _finish_locked(self, pod_id: str) -> None:
-        async with _locked(self._lock(pod_id)):
+        async with locked(self._lock(pod_id)):
             sandbox = self._sandboxes.get(pod_id)
             if sandbox is not None and sandbox.finished:
                 await self._pod_finished(pod_id)
@@ -669,7 +660,7 @@ class Daemon(Service):
         """Stop a pod; returns hyperd's Code (2: VM shut down, 4: pod stopped and VM left idle)."""
         await self._ready()
         record = self._pod_record(pod_id)
-        async with _locked(self._lock(record.pod_id)):
+        async with locked(self._lock(record.pod_id)):
             return await self._stop_pod(record.pod_id, stop_vm)
 
     async def _stop_pod(self, pod_id: str, stop_vm: bool) -> int:
@@ -694,7 +685,7 @@ class Daemon(Service):
     async def remove_pod(self, pod_id: str) -> None:
         await self._ready()
         record = self._pod_record(pod_id)
-        async with _locked(self._lock(record.pod_id)):
+        async with locked(self._lock(record.pod_id)):
             if record.pod_id in self._sandboxes:
                 await self._stop_pod(record.pod_id, True)
             await self.network.release_pod(record.pod_id)
@@ -796,7 +787,7 @@ class Daemon(Service):
         """Freeze (QMP stop) or thaw (cont) the pod's VM, moving the pod from ``before`` to ``after``."""
         await self._ready()
         record = self._pod_record(pod_id)
-        async with _locked(self._lock(record.pod_id)):
+        async with locked(self._lock(record.pod_id)):
             sandbox = self._sandboxes.get(record.pod_id)
             if sandbox is None or record.status != before:
                 raise Conflict(f"conflict: pod {record.pod_id} is {record.status}, not {before}")
@@ -807,7 +798,7 @@ class Daemon(Service):
         """Add a container to a pod; it starts with the pod, or with /container/start if the pod runs."""
         await self._ready()
         record = self._pod_record(pod_id)
-        async with _locked(self._lock(record.pod_id)):
+        async with locked(self._lock(record.pod_id)):
             index = len(self.state.containers(record.pod_id))
             spec = parse_container(document, record.pod_id, index)
             if self.state.find_container(spec.name):
@@ -827,7 +818,7 @@ class Daemon(Service):
     async def start_container(self, container: str) -> None:
         await self._ready()
         pod_id, plan = self._container_plan(container)
-        async with _locked(self._lock(pod_id)):
+        async with locked(self._lock(pod_id)):
             sandbox = self._sandboxes.get(pod_id)
             if sandbox is None:
                 raise Conflict(f"conflict: the pod {pod_id} of container {container} is not running; start the pod")
@@ -862,7 +853,7 @@ class Daemon(Service):
     async def remove_container(self, container: str) -> None:
         await self._ready()
         pod_id, plan = self._container_plan(container)
-        async with _locked(self._lock(pod_id)):
+        async with locked(self._lock(pod_id)):
             sandbox = self._sandboxes.get(pod_id)
             if plan.status == "running":
                 raise Conflict(f"conflict: container {container} is running; stop it first")

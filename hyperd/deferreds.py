@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from twisted.internet import defer
+
+
+@contextlib.asynccontextmanager
+async def locked(lock: defer.DeferredLock) -> AsyncIterator[None]:
+    """``async with locked(lock):`` holds a DeferredLock for the block, released however the block ends."""
+    await lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def observe(d: defer.Deferred) -> defer.Deferred:

@@ -20,7 +20,6 @@ A pod's port mappings are kept in its spec, with the host ports chosen for it, s
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import random
 from typing import Any
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from hyperd.agent import codec
+from hyperd.deferreds import locked
 from hyperd.errors import BadParameter, Conflict, HyperError, NotFound
 from hyperd.interfaces import INetwork
 from hyperd.network import dns
@@ -74,15 +74,6 @@ class Lease:
     @property
     def rules(self) -> list[PortRule]:
         return [rule for m in self.mappings for rule in m.rules()]
-
-
-@contextlib.asynccontextmanager
-async def _held(lock: defer.DeferredLock):
-    await lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 @implementer(INetwork)
@@ -196,7 +187,7 @@ class Network:
         """Configure the guest's NIC and route and add the port mappings; the pod as the guest is to see
         it (DNS filled in). Raises after undoing its own part; ``release_pod`` releases the rest."""
         lease.vm = vm
-        async with _held(self._lock(lease.pod_id)):
+        async with locked(self._lock(lease.pod_id)):
             await self._configure_guest(vm, lease.nic)
             lease.guest_configured = True
             for rule in lease.rules:
@@ -210,7 +201,7 @@ class Network:
         NIC is cleared too. Never raises (a stop must not fail on the network)."""
         lease = self._leases.pop(pod_id, None)
         if lease is not None:
-            async with _held(self._lock(pod_id)):
+            async with locked(self._lock(pod_id)):
                 vm_alive = lease.vm is not None and not getattr(lease.vm, "dead", False)
                 for rule in reversed(lease.forwarded):
                     if vm_alive or not self.forwards_in_vm:
@@ -366,7 +357,7 @@ class Network:
     async def add_port_mappings(self, pod: str, mappings: list[Mapping]) -> None:
         """Add mappings to a pod: applied at once if it runs, kept in its spec either way."""
         pod_id = self._pod_id(pod)
-        async with _held(self._lock(pod_id)):
+        async with locked(self._lock(pod_id)):
             lease = self._leases.get(pod_id)
             if lease is None:
                 spec = parse_pod(self.state.get_pod(pod_id).spec, pod_id=pod_id)
@@ -397,7 +388,7 @@ class Network:
     async def delete_port_mappings(self, pod: str, mappings: list[Mapping]) -> None:
         """Remove mappings (matched by protocol and container ports, and host ports when given)."""
         pod_id = self._pod_id(pod)
-        async with _held(self._lock(pod_id)):
+        async with locked(self._lock(pod_id)):
             lease = self._leases.get(pod_id)
             if lease is not None:
                 current = list(lease.mappings)
