@@ -17,55 +17,26 @@ namespace; the namespace, the daemons and their VMs are gone at the end, whateve
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from common import call, free_port, kill_processes_using  # noqa: E402
 
 from hyperd.guest.initrd import build_guest  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 BUSYBOX = "/bin/busybox"
 SUBNET = "192.168.151"
-
-
-def call(sock_path: str, method: str, path: str, params: dict | None = None, body=None):
-    target = path + ("?" + urllib.parse.urlencode(params) if params else "")
-    data = json.dumps(body).encode() if body is not None else b""
-    head = (f"{method} {target} HTTP/1.1\r\nHost: hyperd\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(sock_path)
-        s.sendall(head + data)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    status_line, _, rest = b"".join(chunks).partition(b"\r\n")
-    status = int(status_line.split()[1])
-    payload = rest.partition(b"\r\n\r\n")[2]
-    if status >= 300:
-        raise RuntimeError(f"{method} {path}: {status} {payload.decode(errors='replace')}")
-    try:
-        return json.loads(payload) if payload else None
-    except ValueError:
-        return payload.decode()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Daemon:
@@ -130,22 +101,6 @@ def wait_http(url: str, prefix: list[str], timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer")
         time.sleep(0.3)
-
-
-def kill_processes_using(path: str) -> None:
-    """SIGKILL the processes whose command line names ``path`` (the VMs of this run, which outlive their daemon
-    by design), by pid."""
-    needle = path.encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if needle not in f.read():
-                    continue
-            os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            pass
 
 
 def main(n: int, mb: int) -> None:

@@ -18,49 +18,24 @@ Goals: cold / bare <= 1.15; warm <= 10 % of cold.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from common import call, kill_processes_using  # noqa: E402
 from vm_boot import bare_boot  # noqa: E402
 
 from hyperd.guest.initrd import build_guest, kernel_cmdline  # noqa: E402
 from hyperd.vm import qemu  # noqa: E402
-
-
-def call(sock_path: str, method: str, path: str, params: dict | None = None, body: dict | None = None):
-    target = path + ("?" + urllib.parse.urlencode(params) if params else "")
-    data = json.dumps(body).encode() if body is not None else b""
-    head = (f"{method} {target} HTTP/1.1\r\nHost: hyperd\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(sock_path)
-    s.sendall(head + data)
-    chunks = []
-    while chunk := s.recv(65536):
-        chunks.append(chunk)
-    s.close()
-    status_line, _, rest = b"".join(chunks).partition(b"\r\n")
-    status = int(status_line.split()[1])
-    payload = rest.partition(b"\r\n\r\n")[2]
-    if status >= 300:
-        raise RuntimeError(f"{method} {path}: {status} {payload.decode(errors='replace')}")
-    try:
-        return json.loads(payload)
-    except ValueError:
-        return payload.decode()
 
 
 def pod_run(sock_path: str, name: str, vm_id: str | None = None) -> float:
@@ -172,7 +147,7 @@ def main(n: int) -> None:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
         # VMs outlive the daemon by design: kill what this run left.
-        subprocess.run(["pkill", "-9", "-f", work], check=False)
+        kill_processes_using(work)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -16,21 +16,20 @@ Prints each run, the medians in MB/s and the ratio api/direct (goal >= 0.8).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 
 from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from common import call, fmt, kill_processes_using  # noqa: E402
 
 from hyperd.agent import codec  # noqa: E402
 from hyperd.agent.streams import CallbackSink  # noqa: E402
@@ -41,23 +40,6 @@ from hyperd.vm.vm import VM  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 BS = 65536
-
-
-def http(path: str, method: str, target: str, body: bytes = b"") -> tuple[int, bytes]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(120)
-    try:
-        s.connect(path)
-        head = (f"{method} {target} HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
-                f"Content-Type: application/json\r\n\r\n")
-        s.sendall(head.encode() + body)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    finally:
-        s.close()
-    head, _, content = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), content
 
 
 class Daemon:
@@ -79,7 +61,7 @@ class Daemon:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if http(self.sock, "GET", "/_ping")[0] == 200:
+                if call(self.sock, "GET", "/_ping") == "OK":
                     break
             except OSError:
                 pass
@@ -88,11 +70,7 @@ class Daemon:
             time.sleep(0.1)
 
     def api(self, method: str, path: str, params: dict | None = None, body=None):
-        target = path + ("?" + urllib.parse.urlencode(params) if params else "")
-        status, content = http(self.sock, method, target, json.dumps(body).encode() if body is not None else b"")
-        if status >= 300:
-            raise SystemExit(f"{method} {path}: {status} {content!r}")
-        return json.loads(content) if content.strip() else None
+        return call(self.sock, method, path, params, body)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -101,15 +79,7 @@ class Daemon:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        # anything left from its run dir (a VM's qemu)
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        if self.dir.encode() in f.read():
-                            os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+        kill_processes_using(self.dir)  # anything left from its run dir (a VM's qemu)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -190,8 +160,8 @@ async def main(reactor, args) -> None:
         m_api, m_raw = statistics.median(api), statistics.median(raw)
         print()
         print("exec dd bs=64k count=%d (%.0f MB), %d runs each" % (args.count, mb, args.n))
-        print("through the API (hijacked stream, stdcopy frames)  median %.0f MB/s  %s" % (m_api, fmt(api)))
-        print("agent stream channel, read directly               median %.0f MB/s  %s" % (m_raw, fmt(raw)))
+        print("through the API (hijacked stream, stdcopy frames)  median %.0f MB/s  %s" % (m_api, fmt(api, 0)))
+        print("agent stream channel, read directly               median %.0f MB/s  %s" % (m_raw, fmt(raw, 0)))
         b_api, b_raw = max(api), max(raw)
         print("best: api %.0f MB/s, direct %.0f MB/s, ratio %.2f (this machine is shared: the best runs are "
               "the least disturbed)" % (b_api, b_raw, b_api / b_raw))
@@ -207,10 +177,6 @@ async def main(reactor, args) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         if own_root:
             shutil.rmtree(root, ignore_errors=True)
-
-
-def fmt(values: list[float]) -> str:
-    return "[" + " ".join("%.0f" % v for v in values) + "]"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import fmt  # noqa: E402
+
 from hyperd.agent import codec  # noqa: E402
 from hyperd.vm import qemu  # noqa: E402
 from hyperd.vm.vm import VM  # noqa: E402
@@ -134,10 +136,6 @@ async def main(reactor, args) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         if own_root:
             shutil.rmtree(root, ignore_errors=True)
-
-
-def fmt(values: list[float]) -> str:
-    return "[" + " ".join("%.2f" % v for v in values) + "]"
 
 
 if __name__ == "__main__":
